@@ -1,0 +1,211 @@
+"""Building blocks shared by the segmentation networks.
+
+SCOAT-Net (Zhao et al., Pattern Recognition 119, 2021) is a UNet++ whose nodes
+are residual blocks, with two attention modules added on the decoder:
+
+* `ResBlock`: conv3x3-BN-ReLU-conv3x3-BN plus a conv1x1-BN shortcut, then ReLU.
+* `SpatialAttention` (the paper's SAM): a one-channel gate computed from a
+  same-row feature and the up-sampled deeper feature; it re-weights the
+  up-sampled feature residually, `up + a * up`.
+* `SqueezeExcitation` and `ChannelAttentionBlock` (the paper's CAM): SE
+  re-weighting of the concatenated node input followed by a `ResBlock`.
+* `upsample2x_align_corners`: bilinear x2 up-sampling with PyTorch's
+  `align_corners=True` semantics, which the authors' model uses.
+
+Initialisation follows the authors' PyTorch model: He-normal conv and dense
+kernels (fan-in, ReLU gain), zero biases, BN scale ~ N(1, 0.02), BN bias 0.
+BatchNorm matches PyTorch's defaults: epsilon 1e-5, running averages updated
+with weight 0.1 for the new batch (Flax momentum 0.9). One documented
+difference: PyTorch feeds the running variance the unbiased batch variance,
+Flax the biased one (a factor n/(n-1), n = batch x height x width pixels).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # Flax convention; PyTorch's momentum=0.1.
+SE_REDUCTION = 16
+
+# PyTorch's kaiming_normal_ draws from an untruncated normal with variance
+# 2 / fan_in; JAX's "normal" distribution here is that one (untruncated).
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """BatchNorm scale ~ N(1, 0.02), as in the authors' initialisation."""
+  return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def conv(features: int, kernel_size: int, *, name: str, dtype: Dtype) -> nn.Conv:
+  """A stride-1 'same' convolution with bias, as every conv in SCOAT-Net."""
+  pad = kernel_size // 2
+  return nn.Conv(
+      features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
+      use_bias=True, kernel_init=he_normal, bias_init=nn.initializers.zeros,
+      dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def batch_norm(*, train: bool, name: str, dtype: Dtype) -> nn.BatchNorm:
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+      scale_init=bn_scale_init, bias_init=nn.initializers.zeros,
+      dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _align_corners_taps(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Source taps of a length-n axis up-sampled to 2n with aligned corners.
+
+  Output sample o sits at source coordinate o * (n - 1) / (2n - 1), so the
+  first and last samples of both grids coincide. Each output is a linear
+  interpolation of the two neighbouring source samples `lo` and `hi`.
+  """
+  out = 2 * n
+  src = np.arange(out, dtype=np.float64) * ((n - 1) / (out - 1))
+  lo = np.floor(src).astype(np.int32)
+  hi = np.minimum(lo + 1, n - 1).astype(np.int32)
+  frac = (src - lo).astype(np.float32)
+  return lo, hi, frac
+
+
+def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
+  lo, hi, frac = _align_corners_taps(x.shape[axis])
+  shape = [1] * x.ndim
+  shape[axis] = frac.size
+  frac = jnp.asarray(frac.reshape(shape), x.dtype)
+  return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+
+
+def upsample2x_align_corners(x: jax.Array) -> jax.Array:
+  """Bilinear x2 up-sampling of an NHWC array, `align_corners=True` semantics.
+
+  `jax.image.resize` places samples at half-pixel centres, a different function;
+  parity with the authors' PyTorch model needs this one. Bilinear interpolation
+  is separable, so rows and columns are interpolated one after the other.
+
+  Args:
+    x: array of shape (batch, height, width, channels).
+
+  Returns:
+    Array of shape (batch, 2 * height, 2 * width, channels).
+  """
+  return _upsample_axis(_upsample_axis(x, 1), 2)
+
+
+def max_pool2x(x: jax.Array) -> jax.Array:
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class ResBlock(nn.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN + conv1x1-BN shortcut, added, then ReLU.
+
+  The shortcut projection is always present, also when input and output widths
+  agree: that is how the authors' model is built, and its parameters count.
+
+  Attributes:
+    features: output channels (the middle width equals it).
+    dtype: compute dtype; parameters stay float32.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    norm = functools.partial(batch_norm, train=train, dtype=self.dtype)
+    y = conv(self.features, 3, name="conv1", dtype=self.dtype)(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = conv(self.features, 3, name="conv2", dtype=self.dtype)(y)
+    y = norm(name="bn2")(y)
+    shortcut = conv(self.features, 1, name="shortcut_conv", dtype=self.dtype)(x)
+    shortcut = norm(name="shortcut_bn")(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class SpatialAttention(nn.Module):
+  """The spatial attention module (SAM) of SCOAT-Net.
+
+  a = sigmoid(BN(conv1x1->1(ReLU(BN(conv1x1(lateral)) + BN(conv1x1(up))))))
+
+  The map gates the up-sampled deeper feature residually, `up + a * up`
+  (Attention U-Net gates the skip connection instead; SCOAT-Net does not).
+  The map is sown as `intermediates/<this module>/attention` for inspection
+  (paper Fig. 5): apply with `mutable=['intermediates']` to collect it.
+
+  Attributes:
+    dtype: compute dtype; parameters stay float32.
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, lateral: jax.Array, up: jax.Array, *,
+               train: bool) -> tuple[jax.Array, jax.Array]:
+    """Returns `(up + a * up, a)`; `a` has one channel, values in (0, 1).
+
+    Args:
+      lateral: the most recent node of the same row, (B, H, W, C_lat).
+      up: the up-sampled deeper node, (B, H, W, C_up).
+      train: whether BatchNorm uses batch statistics.
+    """
+    width = lateral.shape[-1]
+    norm = functools.partial(batch_norm, train=train, dtype=self.dtype)
+    theta = norm(name="lateral_bn")(
+        conv(width, 1, name="lateral_conv", dtype=self.dtype)(lateral))
+    phi = norm(name="up_bn")(conv(width, 1, name="up_conv", dtype=self.dtype)(up))
+    psi = conv(1, 1, name="psi_conv", dtype=self.dtype)(nn.relu(theta + phi))
+    attention = nn.sigmoid(norm(name="psi_bn")(psi))
+    self.sow("intermediates", "attention", attention)
+    return up + attention * up, attention
+
+
+class SqueezeExcitation(nn.Module):
+  """Channel re-weighting: x * sigmoid(W2 ReLU(W1 avgpool(x))), no biases.
+
+  Attributes:
+    reduction: W1 maps C channels to C // reduction.
+    dtype: compute dtype; parameters stay float32.
+  """
+  reduction: int = SE_REDUCTION
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    if channels < self.reduction:
+      raise ValueError(
+          f"channel attention needs at least {self.reduction} input channels "
+          f"(reduction {self.reduction}), got {channels}: use wider `widths`.")
+    dense = functools.partial(
+        nn.Dense, use_bias=False, kernel_init=he_normal, dtype=self.dtype,
+        param_dtype=jnp.float32)
+    squeezed = jnp.mean(x, axis=(1, 2))
+    hidden = nn.relu(dense(channels // self.reduction, name="fc1")(squeezed))
+    weights = nn.sigmoid(dense(channels, name="fc2")(hidden))
+    return x * weights[:, None, None, :].astype(x.dtype)
+
+
+class ChannelAttentionBlock(nn.Module):
+  """The channel attention module (CAM): SE on the input, then a ResBlock.
+
+  The ResBlock's shortcut also takes the re-weighted input, as in the
+  authors' model.
+
+  Attributes:
+    features: output channels.
+    dtype: compute dtype; parameters stay float32.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = SqueezeExcitation(dtype=self.dtype, name="se")(x)
+    return ResBlock(self.features, dtype=self.dtype, name="res")(x, train=train)

@@ -1,0 +1,118 @@
+"""SCOAT-Net: spatial- and channel-attention UNet++ for lung opacification.
+
+Zhao et al., "SCOAT-Net: A novel network for segmenting COVID-19 lung
+opacification from CT images", Pattern Recognition 119 (2021) 108109.
+
+The network is a grid of nodes `x_{i}_{j}` as in UNet++ (Zhou et al., 2018):
+row i is the depth (0 at full resolution, 4 deepest), column j the decoder
+step. The encoder is the first column, `x_{i}_0`. Decoder node `x_{i}_{j}`
+concatenates every earlier node of its row with the up-sampled node
+`x_{i+1}_{j-1}` below-left of it. On rows 1-3 the six decoder nodes are
+attended:
+
+    u       = up(x_{i+1}_{j-1})
+    a       = SAM(lateral=x_{i}_{j-1}, up=u)          # sam_{i}_{j}
+    x_{i}_{j} = CAM(cat(x_{i}_0, ..., x_{i}_{j-1}, u + a * u))
+
+while the top row, `x_0_1 .. x_0_4`, uses plain residual blocks. A 3x3 conv
+head maps `x_0_4` (or, with deep supervision, each of `x_0_1 .. x_0_4`) to
+logits.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scoat_jax.models import layers
+
+Dtype = Any
+
+DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
+DEPTH = 4  # Four 2x2 max-pools: inputs must be multiples of 2**4.
+
+
+def check_input_shape(shape: Sequence[int]) -> None:
+  """Raises ValueError unless `shape` is NHWC with H, W multiples of 16."""
+  if len(shape) != 4:
+    raise ValueError(
+        f"SCOAT-Net takes NHWC input (batch, height, width, channels); got shape "
+        f"{tuple(shape)}: add the missing axes (e.g. x[..., None] for channels).")
+  multiple = 2**DEPTH
+  height, width = shape[1], shape[2]
+  if height % multiple or width % multiple:
+    raise ValueError(
+        f"SCOAT-Net needs height and width divisible by {multiple} (four 2x2 "
+        f"max-pools); got {height}x{width}: resize or pad the slice first "
+        f"(the input pipeline letterboxes to config.data.image_size).")
+
+
+class SCOATNet(nn.Module):
+  """SCOAT-Net returning logits (no sigmoid/softmax inside).
+
+  Attributes:
+    num_classes: output channels: 1 (any opacity, sigmoid) or 3 (background,
+      ground-glass opacity, consolidation; softmax).
+    deep_supervision: if True, return the logits of the four heads on
+      `x_0_1 .. x_0_4` as a list; otherwise the logits of `x_0_4` alone.
+    widths: channels of rows 0..4; the paper's net uses (32, 64, 128, 256, 512).
+    dtype: compute dtype (float32 or bfloat16). Parameters and the returned
+      logits are float32.
+  """
+  num_classes: int = 1
+  deep_supervision: bool = False
+  widths: Sequence[int] = DEFAULT_WIDTHS
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False):
+    """Segments a batch of slices.
+
+    Args:
+      x: float array (batch, height, width, in_channels); height and width
+        multiples of 16.
+      train: use batch statistics in BatchNorm (and update the running ones,
+        with `mutable=['batch_stats']`).
+
+    Returns:
+      Logits (batch, height, width, num_classes) in float32, or a list of four
+      such arrays ordered `x_0_1 .. x_0_4` when `deep_supervision` is set.
+    """
+    check_input_shape(x.shape)
+    if len(self.widths) != DEPTH + 1:
+      raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
+    widths, dtype = tuple(self.widths), self.dtype
+
+    x = x.astype(dtype)
+    up = layers.upsample2x_align_corners
+    node: dict[tuple[int, int], jax.Array] = {}
+    node[0, 0] = layers.ResBlock(widths[0], dtype=dtype, name="x_0_0")(x, train=train)
+    # Column by column, as UNet++ grows: each new encoder node x_{d}_0 lets
+    # the diagonal x_{d-1}_1, x_{d-2}_2, ..., x_0_{d} be computed.
+    for depth in range(1, DEPTH + 1):
+      node[depth, 0] = layers.ResBlock(
+          widths[depth], dtype=dtype, name=f"x_{depth}_0")(
+              layers.max_pool2x(node[depth - 1, 0]), train=train)
+      for j in range(1, depth + 1):
+        i = depth - j
+        u = up(node[i + 1, j - 1])
+        same_row = [node[i, k] for k in range(j)]
+        if i == 0:
+          node[i, j] = layers.ResBlock(widths[i], dtype=dtype, name=f"x_{i}_{j}")(
+              jnp.concatenate(same_row + [u], axis=-1), train=train)
+        else:
+          u_attended, _ = layers.SpatialAttention(dtype=dtype, name=f"sam_{i}_{j}")(
+              node[i, j - 1], u, train=train)
+          node[i, j] = layers.ChannelAttentionBlock(
+              widths[i], dtype=dtype, name=f"x_{i}_{j}")(
+                  jnp.concatenate(same_row + [u_attended], axis=-1), train=train)
+
+    head_columns = range(1, DEPTH + 1) if self.deep_supervision else (DEPTH,)
+    logits = [
+        layers.conv(self.num_classes, 3, name=f"head_{j}", dtype=dtype)(
+            node[0, j]).astype(jnp.float32)
+        for j in head_columns
+    ]
+    return logits if self.deep_supervision else logits[0]

@@ -1,0 +1,24 @@
+"""Test-wide set-up: fake CPU devices and JAX's persistent compilation cache.
+
+Both must be configured before JAX initialises its backends, which is why they
+live here (pytest imports conftest before any test module).
+"""
+import os
+import pathlib
+
+# Four fake CPU devices let the data-parallel tests run on a one-CPU machine.
+# Single-device tests are unaffected: jit places work on device 0.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+_CACHE = pathlib.Path(
+    os.environ.get("SCOAT_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "scoat_jax" / "jax_test_cache"))
+_CACHE.mkdir(parents=True, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+# Where the real COVID-SemiSeg slices live, relative to the project root.
+SEMISEG_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-semiseg-train"

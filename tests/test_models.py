@@ -1,0 +1,180 @@
+"""SCOAT-Net: exact size, wiring, shapes, up-sampling and input checks."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scoat_jax.models import available_models, count_params, get_model, layers
+
+TINY = (4, 8, 16, 32, 64)
+ATTENDED = ("1_1", "2_1", "3_1", "1_2", "2_2", "1_3")
+
+
+def _shapes(model, in_channels, size=32):
+  x = jnp.zeros((1, size, size, in_channels))
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("in_channels,deep_supervision,expected", [
+    (1, False, 10_208_723),
+    (1, True, 10_209_590),
+    (3, False, 10_209_363),
+])
+def test_parameter_count_matches_authors_model(in_channels, deep_supervision, expected):
+  model = get_model("scoat_net", num_classes=1, deep_supervision=deep_supervision)
+  variables = _shapes(model, in_channels)
+  assert count_params(variables["params"]) == expected
+
+
+def test_parameter_tree_names_follow_the_figure():
+  variables = _shapes(get_model("scoat_net", deep_supervision=True, widths=TINY), 1)
+  params = variables["params"]
+  nodes = {f"x_{i}_{j}" for i in range(5) for j in range(5 - i)}
+  sams = {f"sam_{n}" for n in ATTENDED}
+  heads = {f"head_{j}" for j in range(1, 5)}
+  assert set(params) == nodes | sams | heads
+  for n in ATTENDED:
+    assert set(params[f"x_{n}"]) == {"se", "res"}
+    assert set(params[f"sam_{n}"]) == {
+        "lateral_conv", "lateral_bn", "up_conv", "up_bn", "psi_conv", "psi_bn"}
+  assert set(params["x_0_3"]) == {
+      "conv1", "bn1", "conv2", "bn2", "shortcut_conv", "shortcut_bn"}
+  # SE has no biases; every conv has one.
+  assert set(params["x_1_1"]["se"]["fc1"]) == {"kernel"}
+  assert set(params["head_2"]) == {"kernel", "bias"}
+  assert params["head_2"]["kernel"].shape == (3, 3, TINY[0], 1)
+  # BN running statistics live beside their parameters.
+  assert set(variables["batch_stats"]["sam_2_2"]["psi_bn"]) == {"mean", "var"}
+
+
+def test_single_head_model_has_only_the_last_head():
+  params = _shapes(get_model("scoat_net", widths=TINY), 1)["params"]
+  assert [k for k in params if k.startswith("head")] == ["head_4"]
+
+
+def test_upsample_align_corners_hand_computed_2x2():
+  x = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
+  # Output sample o of a length-2 axis sits at source o / 3: taps 0, 1/3, 2/3, 1.
+  # Columns add 1 across the image and rows add 2, so out[r, c] = 1 + (c + 2r) / 3.
+  expected = np.array([
+      [3, 4, 5, 6],
+      [5, 6, 7, 8],
+      [7, 8, 9, 10],
+      [9, 10, 11, 12],
+  ], np.float32) / 3
+  out = layers.upsample2x_align_corners(x)
+  np.testing.assert_allclose(np.asarray(out)[0, :, :, 0], expected, rtol=1e-6)
+  # Half-pixel resizing (jax.image.resize) is a different function.
+  half_pixel = jax.image.resize(x, (1, 4, 4, 1), "bilinear")
+  assert not np.allclose(half_pixel, out)
+
+
+def test_upsample_align_corners_matches_reference_formula():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+  out = np.asarray(layers.upsample2x_align_corners(jnp.asarray(x)))
+  # Reference: explicit interpolation matrices, built from the definition.
+  def matrix(n):
+    m = np.zeros((2 * n, n))
+    for o in range(2 * n):
+      s = o * (n - 1) / (2 * n - 1)
+      lo = int(np.floor(s))
+      hi = min(lo + 1, n - 1)
+      m[o, lo] += 1 - (s - lo)
+      m[o, hi] += s - lo
+    return m
+  ref = np.einsum("oh,bhwc->bowc", matrix(3), x)
+  ref = np.einsum("pw,bowc->bopc", matrix(5), ref)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  # Corners of input and output grids coincide.
+  np.testing.assert_allclose(out[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (48, 32), (32, 80)])
+@pytest.mark.parametrize("deep_supervision", [False, True])
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_output_shapes(height, width, deep_supervision, num_classes):
+  model = get_model("scoat_net", num_classes=num_classes,
+                    deep_supervision=deep_supervision, widths=TINY)
+  x = jnp.zeros((2, height, width, 1))
+  variables = _shapes(model, 1)
+  out = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+  expected = (2, height, width, num_classes)
+  if deep_supervision:
+    assert isinstance(out, list) and [o.shape for o in out] == [expected] * 4
+  else:
+    assert out.shape == expected
+    assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("shape", [(1, 100, 100, 1), (1, 64, 72, 1)])
+def test_sizes_not_multiple_of_16_are_refused(shape):
+  model = get_model("scoat_net", widths=TINY)
+  with pytest.raises(ValueError, match="divisible by 16"):
+    model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+
+
+def test_missing_channel_axis_is_refused():
+  model = get_model("scoat_net", widths=TINY)
+  with pytest.raises(ValueError, match="NHWC"):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32)), train=False)
+
+
+def test_unknown_model_and_bad_argument():
+  assert "scoat_net" in available_models()
+  with pytest.raises(ValueError, match="unknown model"):
+    get_model("scoatnet")
+  with pytest.raises(ValueError, match="bad arguments"):
+    get_model("scoat_net", num_clases=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_variables():
+  model = get_model("scoat_net", num_classes=1, deep_supervision=True, widths=TINY)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+  return model, variables, x
+
+
+def test_attention_maps_are_retrievable(tiny_model_and_variables):
+  model, variables, x = tiny_model_and_variables
+  logits, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+  maps = state["intermediates"]
+  assert set(maps) == {f"sam_{n}" for n in ATTENDED}
+  for name, sown in maps.items():
+    i, j = (int(c) for c in name.split("_")[1:])
+    (attention,) = sown["attention"]
+    assert attention.shape == (2, 32 >> i, 32 >> i, 1)
+    # A sigmoid: in (0, 1) mathematically, saturating to 1.0 in float32 for
+    # untrained running statistics.
+    assert np.all((attention > 0) & (attention <= 1))
+  # Sowing does not change the forward function.
+  plain = model.apply(variables, x, train=False)
+  for a, b in zip(plain, logits):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_mode_updates_running_statistics(tiny_model_and_variables):
+  model, variables, x = tiny_model_and_variables
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  old = variables["batch_stats"]["x_0_0"]["bn1"]["mean"]
+  new = updates["batch_stats"]["x_0_0"]["bn1"]["mean"]
+  # Running mean starts at 0; one step moves it by 0.1 x the batch mean.
+  assert np.all(old == 0) and np.any(new != 0)
+  h = model.apply(variables, x, train=False)
+  assert all(np.all(np.isfinite(o)) for o in h)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_logits(tiny_model_and_variables):
+  model, variables, x = tiny_model_and_variables
+  bf16 = get_model("scoat_net", num_classes=1, deep_supervision=True, widths=TINY,
+                   dtype=jnp.bfloat16)
+  assert jax.tree_util.tree_all(
+      jax.tree_util.tree_map(lambda p: p.dtype == jnp.float32, variables["params"]))
+  ref = model.apply(variables, x, train=False)[-1]
+  low = bf16.apply(variables, x, train=False)[-1]
+  assert low.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
+  assert rel < 0.05, rel
