@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scoat_jax.models.conv import Conv
+
 Dtype = Any
 
 BN_EPSILON = 1e-5
@@ -45,13 +47,11 @@ def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
-def conv(features: int, kernel_size: int, *, name: str, dtype: Dtype) -> nn.Conv:
+def conv(features: int, kernel_size: int, *, name: str, dtype: Dtype,
+         fast_cpu_grad: bool = True) -> Conv:
   """A stride-1 'same' convolution with bias, as every conv in SCOAT-Net."""
-  pad = kernel_size // 2
-  return nn.Conv(
-      features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
-      use_bias=True, kernel_init=he_normal, bias_init=nn.initializers.zeros,
-      dtype=dtype, param_dtype=jnp.float32, name=name)
+  return Conv(features, kernel_size, fast_cpu_grad=fast_cpu_grad, dtype=dtype,
+              kernel_init=he_normal, bias_init=nn.initializers.zeros, name=name)
 
 
 def batch_norm(*, train: bool, name: str, dtype: Dtype) -> nn.BatchNorm:
@@ -114,18 +114,21 @@ class ResBlock(nn.Module):
   Attributes:
     features: output channels (the middle width equals it).
     dtype: compute dtype; parameters stay float32.
+    fast_cpu_grad: see `scoat_jax.models.conv.Conv`.
   """
   features: int
   dtype: Dtype = jnp.float32
+  fast_cpu_grad: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     norm = functools.partial(batch_norm, train=train, dtype=self.dtype)
-    y = conv(self.features, 3, name="conv1", dtype=self.dtype)(x)
+    conv_ = functools.partial(conv, dtype=self.dtype, fast_cpu_grad=self.fast_cpu_grad)
+    y = conv_(self.features, 3, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
-    y = conv(self.features, 3, name="conv2", dtype=self.dtype)(y)
+    y = conv_(self.features, 3, name="conv2")(y)
     y = norm(name="bn2")(y)
-    shortcut = conv(self.features, 1, name="shortcut_conv", dtype=self.dtype)(x)
+    shortcut = conv_(self.features, 1, name="shortcut_conv")(x)
     shortcut = norm(name="shortcut_bn")(shortcut)
     return nn.relu(y + shortcut)
 
@@ -142,8 +145,10 @@ class SpatialAttention(nn.Module):
 
   Attributes:
     dtype: compute dtype; parameters stay float32.
+    fast_cpu_grad: see `scoat_jax.models.conv.Conv`.
   """
   dtype: Dtype = jnp.float32
+  fast_cpu_grad: bool = True
 
   @nn.compact
   def __call__(self, lateral: jax.Array, up: jax.Array, *,
@@ -157,10 +162,10 @@ class SpatialAttention(nn.Module):
     """
     width = lateral.shape[-1]
     norm = functools.partial(batch_norm, train=train, dtype=self.dtype)
-    theta = norm(name="lateral_bn")(
-        conv(width, 1, name="lateral_conv", dtype=self.dtype)(lateral))
-    phi = norm(name="up_bn")(conv(width, 1, name="up_conv", dtype=self.dtype)(up))
-    psi = conv(1, 1, name="psi_conv", dtype=self.dtype)(nn.relu(theta + phi))
+    conv_ = functools.partial(conv, dtype=self.dtype, fast_cpu_grad=self.fast_cpu_grad)
+    theta = norm(name="lateral_bn")(conv_(width, 1, name="lateral_conv")(lateral))
+    phi = norm(name="up_bn")(conv_(width, 1, name="up_conv")(up))
+    psi = conv_(1, 1, name="psi_conv")(nn.relu(theta + phi))
     attention = nn.sigmoid(norm(name="psi_bn")(psi))
     self.sow("intermediates", "attention", attention)
     return up + attention * up, attention
@@ -201,11 +206,14 @@ class ChannelAttentionBlock(nn.Module):
   Attributes:
     features: output channels.
     dtype: compute dtype; parameters stay float32.
+    fast_cpu_grad: see `scoat_jax.models.conv.Conv`.
   """
   features: int
   dtype: Dtype = jnp.float32
+  fast_cpu_grad: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = SqueezeExcitation(dtype=self.dtype, name="se")(x)
-    return ResBlock(self.features, dtype=self.dtype, name="res")(x, train=train)
+    return ResBlock(self.features, dtype=self.dtype, fast_cpu_grad=self.fast_cpu_grad,
+                    name="res")(x, train=train)
