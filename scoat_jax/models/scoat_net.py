@@ -60,6 +60,8 @@ class SCOATNet(nn.Module):
     widths: channels of rows 0..4; the paper's net uses (32, 64, 128, 256, 512).
     dtype: compute dtype (float32 or bfloat16). Parameters and the returned
       logits are float32.
+    in_channels: expected input channels (1 = one slice, 3 = a 2.5D stack of
+      neighbouring slices); None accepts any. Set, it is checked against x.
     fast_cpu_grad: on the CPU backend, compute convolution weight gradients
       as per-tap matrix products (`scoat_jax.models.conv`); same function,
       several times faster there. No effect on GPU/TPU.
@@ -68,6 +70,7 @@ class SCOATNet(nn.Module):
   deep_supervision: bool = False
   widths: Sequence[int] = DEFAULT_WIDTHS
   dtype: Dtype = jnp.float32
+  in_channels: int | None = None
   fast_cpu_grad: bool = True
 
   @nn.compact
@@ -85,6 +88,9 @@ class SCOATNet(nn.Module):
       such arrays ordered `x_0_1 .. x_0_4` when `deep_supervision` is set.
     """
     check_input_shape(x.shape)
+    if self.in_channels is not None and x.shape[-1] != self.in_channels:
+      raise ValueError(f"this SCOAT-Net takes {self.in_channels} input channel(s), got input "
+                       f"of shape {tuple(x.shape)}.")
     if len(self.widths) != DEPTH + 1:
       raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
     widths, dtype = tuple(self.widths), self.dtype
