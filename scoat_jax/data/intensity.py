@@ -1,0 +1,97 @@
+"""Intensity normalisation: the one place that maps raw voxels to network input.
+
+Two kinds of source exist in this project:
+- 'hu': CT in Hounsfield units (NIfTI/DICOM volumes, the phantom). Clipped to a
+  window and scaled to [0, 1]. SCOAT-Net does not state its window; ours is
+  HU_WINDOW = [-1250, 250], which spans air to soft tissue and keeps the whole
+  range of ground-glass (about -750..-300 HU) and consolidation (about
+  -100..+50 HU) well inside (see ../shared/design/SCOAT_NET.md, section 4).
+- 'uint8': 8-bit slices already windowed by whoever exported them (e.g.
+  COVID-SemiSeg JPEGs). Their window is unknown, so they are only scaled by 1/255.
+
+Training and inference must call `normalize` with the same source and window.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+HU_WINDOW = (-1250.0, 250.0)
+SOURCES = ("hu", "uint8")
+
+
+class IntensityError(ValueError):
+  """A bad normalisation request (unknown source, bad window, out-of-range 8-bit data)."""
+
+
+def _check_window(window: Sequence[float]) -> tuple[float, float]:
+  try:
+    lo, hi = (float(v) for v in window)
+  except (TypeError, ValueError):
+    raise IntensityError(
+        f"window={window!r} must be two numbers (lo, hi) in HU, e.g. {HU_WINDOW}") from None
+  if not (np.isfinite(lo) and np.isfinite(hi)) or lo >= hi:
+    raise IntensityError(f"window={window!r} needs finite lo < hi in HU; e.g. {HU_WINDOW}")
+  return lo, hi
+
+
+def window_hu(hu, window: Sequence[float] = HU_WINDOW) -> np.ndarray:
+  """Clips HU to [lo, hi] and maps it linearly to [0, 1].
+
+  Args:
+    hu: array of HU values (any shape, any real dtype).
+    window: (lo, hi) in HU with lo < hi; lo maps to 0, hi to 1.
+
+  Returns:
+    float32 array of the same shape with values in [0, 1].
+  """
+  lo, hi = _check_window(window)
+  x = np.asarray(hu, dtype=np.float32)
+  # Clipping first keeps (x - lo) / (hi - lo) within [0, 1] exactly in float32.
+  return (np.clip(x, np.float32(lo), np.float32(hi)) - np.float32(lo)) / np.float32(hi - lo)
+
+
+def scale_uint8(img) -> np.ndarray:
+  """Maps 8-bit grey values 0..255 to [0, 1] (divides by 255).
+
+  Args:
+    img: uint8 array, or a numeric array whose values lie in 0..255.
+
+  Returns:
+    float32 array of the same shape with values in [0, 1].
+
+  Raises:
+    IntensityError: non-uint8 data with values outside 0..255 (e.g. HU).
+  """
+  arr = np.asarray(img)
+  if arr.dtype != np.uint8 and arr.size:
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if not (0.0 <= lo and hi <= 255.0):
+      raise IntensityError(f"source='uint8' but values span {lo:g}..{hi:g}, outside 0..255; "
+                           "for CT in Hounsfield units use source='hu'")
+  return arr.astype(np.float32) / np.float32(255.0)
+
+
+def normalize(image, source: str, window: Sequence[float] = HU_WINDOW) -> np.ndarray:
+  """Normalises an image to float32 in [0, 1] according to its source.
+
+  Args:
+    image: array (any shape): HU for source='hu', 0..255 for source='uint8'.
+    source: 'hu' or 'uint8'.
+    window: HU window (lo, hi) for source='hu'; ignored for 'uint8' but still
+      validated, so a bad config fails whichever data is used.
+
+  Returns:
+    float32 array in [0, 1], same shape as image.
+
+  Raises:
+    IntensityError: unknown source, bad window, or 8-bit data out of range.
+  """
+  _check_window(window)
+  if source == "hu":
+    return window_hu(image, window)
+  if source == "uint8":
+    return scale_uint8(image)
+  raise IntensityError(f"source={source!r} is unknown; use one of {SOURCES} "
+                       "('hu' for Hounsfield units, 'uint8' for 8-bit windowed slices)")
