@@ -12,6 +12,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE = pathlib.Path(
     os.environ.get("SCOAT_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "scoat_jax" / "jax_test_cache"))
@@ -22,3 +23,17 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 # Where the real COVID-SemiSeg slices live, relative to the project root.
 SEMISEG_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-semiseg-train"
+
+
+@pytest.fixture
+def no_persistent_cache():
+  """Compiles fresh instead of loading from the persistent cache.
+
+  Executables with cross-device all-reduces over fake CPU devices, loaded from
+  the persistent cache, deadlocked in XLA's CPU rendezvous on a 2-core machine
+  (jaxlib 0.10.2); compiled fresh they run. Multi-device tests use this.
+  """
+  previous = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", previous)

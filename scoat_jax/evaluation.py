@@ -1,0 +1,129 @@
+"""Validation: the paper's six metrics per case, on the host.
+
+The network runs slice by slice (jitted, batch sharded over this process's
+devices); the predicted slices of each case are stacked back into a volume
+and scored with `scoat_jax.metrics.case_metrics` (DSC, SEN, PPV, VA, RLP,
+RLR), then aggregated over cases. Inference in eval mode has no cross-sample
+reduction, so every process scores its own cases on its own devices and the
+per-case results are gathered at the end.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from scoat_jax import metrics as metrics_lib
+from scoat_jax import parallel
+
+METRIC_NAMES = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
+
+
+def predict_labels(logits, *, num_classes: int, average_heads: bool = False) -> jax.Array:
+  """Logits (or a list of deep-supervision logits) -> integer labels (B, H, W).
+
+  One class: opacity where sigmoid(logit) > 0.5, i.e. logit > 0. Three
+  classes: argmax. With `average_heads`, the heads' probabilities are
+  averaged; otherwise the last head decides.
+  """
+  if isinstance(logits, (list, tuple)):
+    if average_heads:
+      act = jax.nn.sigmoid if num_classes == 1 else functools.partial(jax.nn.softmax, axis=-1)
+      probs = jnp.mean(jnp.stack([act(l) for l in logits]), axis=0)
+      return ((probs[..., 0] > 0.5) if num_classes == 1 else jnp.argmax(probs, -1)).astype(jnp.uint8)
+    logits = logits[-1]
+  if num_classes == 1:
+    return (logits[..., 0] > 0).astype(jnp.uint8)
+  return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+
+def make_predict_fn(apply_fn: Callable, *, num_classes: int, average_heads: bool,
+                    mesh) -> Callable:
+  """A jitted `(variables, images) -> labels`, batch sharded over `mesh`."""
+  def predict(variables, images):
+    logits = apply_fn(variables, images, train=False)
+    return predict_labels(logits, num_classes=num_classes, average_heads=average_heads)
+  return jax.jit(predict, in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+                 out_shardings=parallel.data_sharding(mesh))
+
+
+def local_variables(variables: Any) -> Any:
+  """This process's copy of replicated variables, as host arrays."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, variables)
+
+
+def evaluate(predict_fn: Callable, variables, batches: Iterable[dict], case_ids: list[str], *,
+             num_overlays: int = 0) -> tuple[dict, list[dict], list[tuple]]:
+  """Runs `predict_fn` over `batches` and scores every case.
+
+  Args:
+    predict_fn: from `make_predict_fn` (over this process's devices).
+    variables: model variables (replicated or host arrays).
+    batches: this process's eval batches (`input_pipeline.eval_batches`), with
+      'image', 'mask', 'case', 'slice_index' and 'valid'.
+    case_ids: names of all cases of the split (indexed by 'case').
+    num_overlays: how many (image, truth, prediction) slices to return for
+      image summaries, taking slices with the most opacity first.
+
+  Returns:
+    (aggregate, per_case, overlays): `aggregate` maps 'val_<metric>' to the
+    mean over cases (plus '_std' and '_median'); `per_case` holds one dict per
+    case with 'case_id' and the six metrics (all processes' cases).
+  """
+  slices: dict[int, list] = collections.defaultdict(list)
+  overlays: list[tuple] = []
+  for batch in batches:
+    labels = np.asarray(predict_fn(variables, batch["image"]))
+    for k in np.flatnonzero(batch["valid"]):
+      case = int(batch["case"][k])
+      slices[case].append((int(batch["slice_index"][k]), labels[k], np.asarray(batch["mask"][k])))
+      if num_overlays:
+        overlays.append((int(np.count_nonzero(batch["mask"][k])), batch["image"][k], batch["mask"][k], labels[k]))
+        overlays = sorted(overlays, key=lambda o: -o[0])[:num_overlays]
+
+  local = np.full((len(case_ids), len(METRIC_NAMES)), np.nan, np.float64)
+  for case, items in slices.items():
+    items.sort(key=lambda t: t[0])
+    pred = np.stack([p for _, p, _ in items]) > 0
+    truth = np.stack([m for _, _, m in items]) > 0
+    result = metrics_lib.case_metrics(pred if len(items) > 1 else pred[0],
+                                      truth if len(items) > 1 else truth[0])
+    local[case] = [result[name] for name in METRIC_NAMES]
+  table = local
+  if jax.process_count() > 1:
+    gathered = np.asarray(multihost_utils.process_allgather(local))
+    table = np.where(np.isnan(gathered), -np.inf, gathered).max(axis=0)
+    table[np.isinf(table)] = np.nan
+  scored = ~np.isnan(table).any(axis=1)
+  per_case = [dict(case_id=case_ids[c], **{n: float(table[c, i]) for i, n in enumerate(METRIC_NAMES)})
+              for c in np.flatnonzero(scored)]
+  aggregate = {}
+  if per_case:
+    for name, stats in metrics_lib.aggregate(
+        [{n: r[n] for n in METRIC_NAMES} for r in per_case]).items():
+      if not isinstance(stats, dict):
+        continue
+      aggregate[f"val_{name}"] = stats["mean"]
+      aggregate[f"val_{name}_std"] = stats["std"]
+      aggregate[f"val_{name}_median"] = stats["median"]
+  aggregate["val_cases"] = len(per_case)
+  return aggregate, per_case, [o[1:] for o in overlays]
+
+
+def overlay_rgb(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+  """Side-by-side RGB uint8: slice | truth in green | prediction in red."""
+  grey = np.clip(np.asarray(image, np.float32)[..., 0] if np.ndim(image) == 3 else image, 0, 1)
+  base = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
+  def tint(mask, channel):
+    out = base.copy()
+    on = np.asarray(mask) > 0
+    out[on, channel] = 255
+    out[on, (channel + 1) % 3] //= 2
+    return out
+  return np.concatenate([base, tint(truth, 1), tint(pred, 0)], axis=1)

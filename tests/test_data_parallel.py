@@ -1,0 +1,125 @@
+"""One train step on 4 (fake CPU) devices equals the same step on 1 device.
+
+BatchNorm statistics are taken over the global batch in both cases, so the
+two steps compute the same function; only the order of float additions
+differs. One subtlety: every SCOAT-Net conv except the heads feeds a
+BatchNorm, which removes any constant offset, so those convs' biases have an
+exact gradient of zero and a computed gradient of pure rounding noise (~1e-9).
+Adam's first step is lr * g / (|g| + 1e-8) per element: it turns any
+gradient at the rounding-noise level (those biases, dead ReLU channels) into
+a step of up to the learning rate in either direction. So the Adam step is
+compared on the elements whose gradient stands clear of rounding noise and
+the BN-cancelled biases are checked to have a ~zero gradient; the gradients
+themselves are compared in full (so an SGD step, p - lr * g, would agree on
+every parameter).
+"""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from scoat_jax import parallel, train
+from scoat_jax.configs import default
+from scoat_jax.schedule import paper_schedule
+
+needs_4 = pytest.mark.skipif(jax.device_count() < 4,
+                             reason="needs 4 (fake) devices; see conftest.py")
+
+
+# Multi-device executables must not come from the persistent cache (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_persistent_cache")
+
+
+def _config():
+  config = default.get_config()
+  config.widths = (4, 8, 16, 32, 64)
+  config.data.image_size = 32
+  config.batch_size = 8
+  return config
+
+
+def _batch(config):
+  rng = np.random.default_rng(0)
+  image = rng.uniform(size=(config.batch_size, 32, 32, 1)).astype(np.float32)
+  # Blobs, so Dice and BCE both have something to fit.
+  yy, xx = np.mgrid[:32, :32]
+  mask = np.stack([((yy - 8 - k) ** 2 + (xx - 12 - k) ** 2 < 30 + 5 * k)
+                   for k in range(config.batch_size)])
+  return {"image": image, "mask": mask.astype(np.int32)}
+
+
+def _host(tree):
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def one_step(config, devices, local_batch=None, tx=None):
+  """One train step over `devices`; this process feeds `local_batch`.
+
+  Returns host copies of (loss, gradients, updated params, updated batch stats).
+  """
+  mesh = parallel.make_mesh(devices)
+  model = train.create_model(config)
+  tx = tx or train.create_optimizer(paper_schedule(steps_per_epoch=10))
+  state = train.create_train_state(config, model, tx, jax.random.key(0), mesh)
+  batch = parallel.global_batch(_batch(config) if local_batch is None else local_batch, mesh)
+  new_state, metrics = train.make_train_step(config, mesh, with_grads=True)(
+      state, batch, jax.random.key(1))
+  return _host((metrics["loss"], metrics["grads"], new_state.params, new_state.batch_stats))
+
+
+def _rel(a, b):
+  a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(a)])
+  b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(b)])
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _bn_cancelled(path) -> bool:
+  """A conv bias followed by BatchNorm: every conv bias except the heads'."""
+  names = [p.key for p in path]
+  return names[-1] == "bias" and "conv" in names[-2] and not names[-2].startswith("head")
+
+
+def _split(tree):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  cancelled = [leaf for path, leaf in flat if _bn_cancelled(path)]
+  rest = [leaf for path, leaf in flat if not _bn_cancelled(path)]
+  return cancelled, rest
+
+
+def assert_same_step(got, want):
+  """Asserts two `one_step` results agree (see the module docstring)."""
+  (loss1, grads1, params1, stats1), (loss2, grads2, params2, stats2) = want, got
+  assert np.isfinite(loss1)
+  np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+  assert _rel(grads2, grads1) <= 1e-5
+  assert _rel(stats2, stats1) <= 1e-5
+  # The step changed the statistics: the comparison is not vacuous.
+  assert _rel(stats1, jax.tree_util.tree_map(np.zeros_like, stats1)) > 0
+
+  (noise1, signal1), (noise2, _) = _split(grads1), _split(grads2)
+  scale = max(np.abs(g).max() for g in signal1)
+  assert max(np.abs(g).max() for g in noise1 + noise2) < 1e-5 * scale
+  g = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(grads1)])
+  clear = np.abs(g) > 1e-4 * scale
+  assert clear.mean() > 0.9  # the comparison covers most of the network
+  p1, p2 = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(p)])
+            for p in (params1, params2))
+  assert np.linalg.norm(p2[clear] - p1[clear]) / np.linalg.norm(p1[clear]) <= 1e-5
+
+
+@functools.lru_cache(maxsize=None)
+def reference_step(num_devices: int):
+  """`one_step` of the test config on the first `num_devices` devices (cached)."""
+  return one_step(_config(), jax.devices()[:num_devices])
+
+
+@needs_4
+def test_four_devices_equal_one_device():
+  assert_same_step(reference_step(4), reference_step(1))
+
+
+def test_batch_must_divide_by_devices():
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  with pytest.raises(ValueError, match="multiple of the device count"):
+    parallel.check_batch_size(6, mesh)
