@@ -24,22 +24,31 @@ from scoat_jax import parallel
 METRIC_NAMES = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 
 
-def predict_labels(logits, *, num_classes: int, average_heads: bool = False) -> jax.Array:
-  """Logits (or a list of deep-supervision logits) -> integer labels (B, H, W).
+def probabilities(logits, *, num_classes: int, average_heads: bool = False) -> jax.Array:
+  """Logits (or the list of deep-supervision logits) -> class probabilities (B, H, W, C).
 
-  One class: opacity where sigmoid(logit) > 0.5, i.e. logit > 0. Three
-  classes: argmax. With `average_heads`, the heads' probabilities are
-  averaged; otherwise the last head decides.
+  Sigmoid for one class, softmax for three. With `average_heads` the heads'
+  probabilities are averaged; otherwise the last head (x_0_4) decides.
   """
+  act = jax.nn.sigmoid if num_classes == 1 else functools.partial(jax.nn.softmax, axis=-1)
   if isinstance(logits, (list, tuple)):
     if average_heads:
-      act = jax.nn.sigmoid if num_classes == 1 else functools.partial(jax.nn.softmax, axis=-1)
-      probs = jnp.mean(jnp.stack([act(l) for l in logits]), axis=0)
-      return ((probs[..., 0] > 0.5) if num_classes == 1 else jnp.argmax(probs, -1)).astype(jnp.uint8)
+      return jnp.mean(jnp.stack([act(l) for l in logits]), axis=0)
     logits = logits[-1]
-  if num_classes == 1:
-    return (logits[..., 0] > 0).astype(jnp.uint8)
-  return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+  return act(logits)
+
+
+def labels_from_probabilities(probs: jax.Array) -> jax.Array:
+  """(B, H, W, C) probabilities -> uint8 labels: P > 0.5 for one class, argmax for three."""
+  if probs.shape[-1] == 1:
+    return (probs[..., 0] > 0.5).astype(jnp.uint8)
+  return jnp.argmax(probs, axis=-1).astype(jnp.uint8)
+
+
+def predict_labels(logits, *, num_classes: int, average_heads: bool = False) -> jax.Array:
+  """Logits (or a list of deep-supervision logits) -> integer labels (B, H, W)."""
+  return labels_from_probabilities(
+      probabilities(logits, num_classes=num_classes, average_heads=average_heads))
 
 
 def make_predict_fn(apply_fn: Callable, *, num_classes: int, average_heads: bool,

@@ -21,12 +21,13 @@ import datetime
 import os
 import pathlib
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+
+from scoat_jax import fileio
 
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
@@ -363,19 +364,12 @@ def _atomic_write(image: sitk.Image, path, compress: bool) -> pathlib.Path:
         "(use write_dicom_series for DICOM)")
   if not path.parent.is_dir():
     raise CTError(f"{path}: the directory {path.parent} does not exist; create it first")
-  fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=f".{path.name}.tmp-", dir=path.parent)
-  os.close(fd)
   try:
     # .nii.gz is always gzip-compressed by its suffix; for .mha/.nrrd compression is optional.
-    sitk.WriteImage(image, tmp, useCompression=compress)
-    os.replace(tmp, path)
-  except BaseException as e:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    if isinstance(e, RuntimeError):
-      raise CTError(
-          f"{path}: could not write ({_first_line(e)}); check disk space and permissions") from None
-    raise
+    fileio.atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress))
+  except RuntimeError as e:
+    raise CTError(
+        f"{path}: could not write ({_first_line(e)}); check disk space and permissions") from None
   return path
 
 
@@ -546,7 +540,8 @@ def write_dicom_series(hu: np.ndarray,
       "0028|1053": "1",
       "0028|1054": "HU",
   }
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir(mode=0o777)   # not mkdtemp's private 0700: the series is the user's to share
   try:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()

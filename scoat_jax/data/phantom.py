@@ -33,15 +33,15 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import os
+import io
 import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from scoat_jax import fileio
 from scoat_jax.data import ct_io
 
 # The default cohort: 8 patients x 3 time points of 48 x 256 x 256 voxels
@@ -589,13 +589,11 @@ def write_cohort(directory,
         "lesion_volume_ml": f"{scan.lesion_volume_ml:.3f}",
         "lung_volume_ml": f"{scan.lung_volume_ml:.3f}"
     })
-  fd, tmp = tempfile.mkstemp(prefix=".cohort.csv.tmp-", dir=directory)
-  with os.fdopen(fd, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COHORT_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, csv_path)
-  return csv_path
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=COHORT_COLUMNS)
+  writer.writeheader()
+  writer.writerows(rows)
+  return fileio.write_text(table.getvalue(), csv_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

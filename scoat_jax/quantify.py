@@ -1,0 +1,190 @@
+"""Quantification of a predicted opacity mask (paper section "quantification").
+
+* Lung opacification volume: LOV = (voxels labelled > 0) x voxel volume, in ml
+  (1 ml = 1000 mm^3), the voxel volume from the image spacing.
+* Lung volume from the classical lung mask (`scoat_jax.lung_mask`, with its
+  documented limits), and the percentage of infection POI = 100 x LOV / lung
+  volume, as the paper defines it (all predicted opacity counts, also any
+  outside the lung mask; that part is reported as `lov_outside_lung_ml` so a
+  failing lung mask is visible).
+* Lesions: connected components of the mask with 26-connectivity (any voxels
+  touching by a face, edge or corner), each with its volume and centre. The
+  centre is the voxel farthest from the lesion's boundary (as in the paper's
+  region metrics, `scoat_jax.metrics.region_centres`, with the true voxel
+  spacing), so it always lies inside the lesion; its physical position is
+  given in the image's LPS millimetres.
+* Three-class models: ground-glass opacity (label 1) and consolidation
+  (label 2) volumes, overall and per lesion.
+
+Every number is plain JSON (floats, ints, lists; None where undefined, never
+NaN). For 2-D 8-bit slices (no spacing, no HU) the same quantities are given
+in pixels and the lung is not segmented.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from scoat_jax import metrics
+from scoat_jax.data.ct_io import Geometry
+from scoat_jax.lung_mask import lung_mask
+
+CLASS_NAMES = {1: "ggo", 2: "consolidation"}
+
+
+class QuantifyError(ValueError):
+  """A bad quantification request (shapes, labels)."""
+
+
+def _check_labels(labels: np.ndarray, ndim: int, num_classes: int) -> np.ndarray:
+  labels = np.asarray(labels)
+  if labels.ndim != ndim:
+    raise QuantifyError(f"labels have shape {labels.shape}; expected a {ndim}-D mask")
+  if labels.dtype == bool:
+    labels = labels.astype(np.uint8)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise QuantifyError(f"labels have dtype {labels.dtype}; threshold probabilities to labels first")
+  if num_classes not in (1, 3):
+    raise QuantifyError(f"num_classes={num_classes} must be 1 or 3")
+  top = 1 if num_classes == 1 else 2
+  if labels.size and (labels.min() < 0 or labels.max() > top):
+    raise QuantifyError(f"labels span {labels.min()}..{labels.max()}, outside 0..{top} for a "
+                        f"{num_classes}-class model")
+  return labels
+
+
+def index_to_mm(geometry: Geometry, index_zyx: Sequence[float]) -> list[float]:
+  """Physical LPS position (x, y, z) in mm of a (z, y, x) voxel index."""
+  ijk = np.asarray(index_zyx, np.float64)[::-1]
+  point = np.asarray(geometry.origin) + geometry.direction_matrix @ (np.asarray(geometry.spacing) * ijk)
+  return [float(v) for v in point]
+
+
+def lesions(labels: np.ndarray, *, voxel_volume_ml: float | None = None, spacing_zyx=None,
+            geometry: Geometry | None = None, num_classes: int = 1) -> list[dict]:
+  """Connected lesions of a mask (26-connectivity in 3-D, 8 in 2-D), largest first.
+
+  Args:
+    labels: 2-D or 3-D integer labels (> 0 is opacity).
+    voxel_volume_ml: volume of one voxel; None (2-D slices) gives pixel counts only.
+    spacing_zyx: voxel size per axis, to place centres truly farthest from
+      the boundary; None means isotropic.
+    geometry: when given, centres are also reported in LPS mm.
+    num_classes: 3 adds per-lesion GGO and consolidation sizes.
+
+  Returns:
+    One dict per lesion: 'id' (1 = largest), 'voxels' (3-D) or 'pixels'
+    (2-D), 'volume_ml' (with voxel_volume_ml), 'centre_index' (z, y, x) or
+    (y, x), 'centre_mm' (LPS x, y, z; with geometry), 'bbox_start' /
+    'bbox_stop' (index, stop exclusive), and with three classes
+    'ggo_<unit>' and 'consolidation_<unit>' in the same unit as the size.
+  """
+  mask = labels > 0
+  comp, centres = metrics.region_centres(mask, spacing=spacing_zyx)
+  n = len(centres)
+  if n == 0:
+    return []
+  count_key = "voxels" if labels.ndim == 3 else "pixels"
+  scale, unit = ((voxel_volume_ml, "volume_ml") if voxel_volume_ml is not None
+                 else (1, count_key))
+  counts = np.bincount(comp.ravel(), minlength=n + 1)
+  per_class = ({c: np.bincount(comp.ravel(), weights=(labels == c).ravel(), minlength=n + 1)
+                for c in CLASS_NAMES} if num_classes == 3 else {})
+  boxes = ndimage.find_objects(comp)
+  out = []
+  # Largest first; ties keep the scan order of the regions.
+  for rank, k in enumerate(sorted(range(1, n + 1), key=lambda k: (-counts[k], k)), start=1):
+    item = {"id": rank, count_key: int(counts[k])}
+    if voxel_volume_ml is not None:
+      item["volume_ml"] = int(counts[k]) * voxel_volume_ml
+    item["centre_index"] = [int(v) for v in centres[k - 1]]
+    if geometry is not None:
+      item["centre_mm"] = index_to_mm(geometry, centres[k - 1])
+    item["bbox_start"] = [int(s.start) for s in boxes[k - 1]]
+    item["bbox_stop"] = [int(s.stop) for s in boxes[k - 1]]
+    for c, name in CLASS_NAMES.items():
+      if c in per_class:
+        item[f"{name}_{unit}"] = int(per_class[c][k]) * scale
+    out.append(item)
+  return out
+
+
+def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | None = None,
+                    lung: np.ndarray | None = None, num_classes: int = 1) -> dict:
+  """LOV, lung volume, POI, lesions and class volumes of a predicted (z, y, x) mask.
+
+  Args:
+    labels: (z, y, x) integer mask: 0 background, 1 opacity (one class) or
+      1 GGO / 2 consolidation (three classes).
+    geometry: the scan's voxel grid (spacing gives the voxel volume).
+    hu: the scan in HU, to segment the lung (`scoat_jax.lung_mask`).
+    lung: a lung mask to use instead of segmenting one.
+    num_classes: 1 or 3.
+
+  Returns:
+    {'lov_ml', 'opacity_voxels', 'voxel_volume_ml', 'lung_volume_ml',
+    'lung_voxels', 'poi_percent', 'lov_outside_lung_ml', 'num_lesions',
+    'lesions' (see `lesions`), and with three
+    classes 'class_volumes_ml': {'ggo', 'consolidation'}}. Lung entries are
+    None without hu and lung, and POI is None when the lung is empty.
+  """
+  labels = _check_labels(labels, 3, num_classes)
+  if labels.shape != geometry.shape:
+    raise QuantifyError(f"labels have shape {labels.shape} but the geometry is {geometry.shape} "
+                        "(z, y, x); pass the mask predicted on that scan")
+  vv = geometry.voxel_volume_ml
+  opacity = labels > 0
+  n_opacity = int(np.count_nonzero(opacity))
+  report = {"lov_ml": n_opacity * vv, "opacity_voxels": n_opacity, "voxel_volume_ml": vv}
+  if lung is None and hu is not None:
+    if np.shape(hu) != labels.shape:
+      raise QuantifyError(f"hu has shape {np.shape(hu)}, labels {labels.shape}; they must match")
+    lung = lung_mask(hu, geometry.spacing)
+  if lung is not None:
+    lung = np.asarray(lung, bool)
+    if lung.shape != labels.shape:
+      raise QuantifyError(f"lung mask shape {lung.shape} differs from labels {labels.shape}")
+    n_lung = int(np.count_nonzero(lung))
+    outside = int(np.count_nonzero(opacity & ~lung))
+    report.update(lung_volume_ml=n_lung * vv, lung_voxels=n_lung,
+                  poi_percent=100.0 * n_opacity / n_lung if n_lung else None,
+                  lov_outside_lung_ml=outside * vv)
+  else:
+    report.update(lung_volume_ml=None, lung_voxels=None, poi_percent=None,
+                  lov_outside_lung_ml=None)
+  if num_classes == 3:
+    report["class_volumes_ml"] = {name: int(np.count_nonzero(labels == c)) * vv
+                                  for c, name in CLASS_NAMES.items()}
+  spacing_zyx = tuple(reversed(geometry.spacing))
+  found = lesions(labels, voxel_volume_ml=vv, spacing_zyx=spacing_zyx, geometry=geometry,
+                  num_classes=num_classes)
+  report["num_lesions"] = len(found)
+  report["lesions"] = found
+  return report
+
+
+def quantify_slice(labels: np.ndarray, *, num_classes: int = 1) -> dict:
+  """The 2-D counterpart for slices without spacing or HU (e.g. 8-bit PNG/JPG).
+
+  Args:
+    labels: (H, W) integer mask.
+    num_classes: 1 or 3.
+
+  Returns:
+    {'opacity_pixels', 'opacity_percent_of_image', 'num_lesions', 'lesions'
+    (see `lesions`, sizes in pixels), and 'class_pixels' with three
+    classes}; LOV, lung volume and POI are None (no spacing, no HU).
+  """
+  labels = _check_labels(labels, 2, num_classes)
+  n = int(np.count_nonzero(labels))
+  report = {"lov_ml": None, "lung_volume_ml": None, "poi_percent": None, "opacity_pixels": n,
+            "opacity_percent_of_image": 100.0 * n / labels.size if labels.size else 0.0}
+  if num_classes == 3:
+    report["class_pixels"] = {name: int(np.count_nonzero(labels == c))
+                              for c, name in CLASS_NAMES.items()}
+  found = lesions(labels, num_classes=num_classes)
+  report["num_lesions"] = len(found)
+  report["lesions"] = found
+  return report

@@ -1,0 +1,112 @@
+"""Quantification against hand-made masks and the phantom's exact volumes."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from scoat_jax import quantify
+from scoat_jax.data import ct_io, phantom
+
+
+def _geometry(shape_zyx, spacing=(0.5, 0.8, 2.0), direction=None):
+  t = np.deg2rad(30.0)
+  direction = direction or (np.cos(t), 0.0, np.sin(t), 0.0, 1.0, 0.0, -np.sin(t), 0.0, np.cos(t))
+  return ct_io.Geometry.for_array(shape_zyx, spacing, origin=(-10.0, 20.0, 5.5), direction=direction)
+
+
+def test_lesions_26_connectivity_volumes_and_centres():
+  labels = np.zeros((6, 10, 12), np.uint8)
+  labels[1:4, 1:4, 1:4] = 1          # 27 voxels
+  labels[4, 4, 4] = 1                # touches the cube only at a corner: same lesion (26-conn.)
+  labels[0:2, 7:9, 8:12] = 1         # 16 voxels, separate
+  labels[5, 0, 11] = 1               # a single voxel
+  g = _geometry(labels.shape)
+  vv = 0.5 * 0.8 * 2.0 / 1000
+  r = quantify.quantify_volume(labels, g)
+  assert r["opacity_voxels"] == 27 + 1 + 16 + 1
+  assert r["lov_ml"] == pytest.approx(45 * vv, rel=1e-12)
+  assert r["voxel_volume_ml"] == pytest.approx(vv)
+  assert r["num_lesions"] == 3
+  assert [l["voxels"] for l in r["lesions"]] == [28, 16, 1]
+  assert [l["id"] for l in r["lesions"]] == [1, 2, 3]
+  assert r["lesions"][0]["volume_ml"] == pytest.approx(28 * vv)
+  assert r["lesions"][0]["bbox_start"] == [1, 1, 1] and r["lesions"][0]["bbox_stop"] == [5, 5, 5]
+  assert r["lesions"][2]["centre_index"] == [5, 0, 11]
+  # Centre = farthest from the boundary in mm (spacing z, y, x = 2, 0.8, 0.5): the fine x
+  # axis limits every voxel of the line x = y = 2 to 1 mm, so z = 1, 2, 3 tie and the
+  # lowest index wins (the rule of scoat_jax.metrics).
+  assert r["lesions"][0]["centre_index"] == [1, 2, 2]
+  # Physical position: compare with ITK's own index -> point transform.
+  image = g.apply_to(sitk.GetImageFromArray(labels))
+  for lesion in r["lesions"]:
+    z, y, x = lesion["centre_index"]
+    np.testing.assert_allclose(lesion["centre_mm"], image.TransformIndexToPhysicalPoint((x, y, z)),
+                               atol=1e-9)
+  # No lung given: lung entries are undefined, never NaN.
+  assert r["lung_volume_ml"] is None and r["poi_percent"] is None
+  assert "class_volumes_ml" not in r
+
+
+def test_three_classes_and_lung():
+  labels = np.zeros((4, 8, 8), np.uint8)
+  labels[1, 2:5, 2:5] = 1
+  labels[1, 3, 3] = 2
+  labels[3, 6:8, 6:8] = 2
+  lung = np.zeros(labels.shape, bool)
+  lung[:, 1:6, 1:6] = True            # 100 voxels; the second lesion lies outside
+  g = _geometry(labels.shape, spacing=(1.0, 1.0, 1.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+  r = quantify.quantify_volume(labels, g, lung=lung, num_classes=3)
+  vv = 1e-3
+  assert r["class_volumes_ml"] == pytest.approx({"ggo": 8 * vv, "consolidation": 5 * vv})
+  assert r["lov_ml"] == pytest.approx(13 * vv)
+  assert r["lung_volume_ml"] == pytest.approx(100 * vv) and r["lung_voxels"] == 100
+  assert r["poi_percent"] == pytest.approx(100 * 13 / 100)
+  assert r["lov_outside_lung_ml"] == pytest.approx(4 * vv)
+  big, small = r["lesions"]
+  assert (big["ggo_volume_ml"], big["consolidation_volume_ml"]) == pytest.approx((8 * vv, 1 * vv))
+  assert (small["ggo_volume_ml"], small["consolidation_volume_ml"]) == pytest.approx((0, 4 * vv))
+  with pytest.raises(ValueError, match="outside 0..1"):
+    quantify.quantify_volume(labels, g, num_classes=1)
+  with pytest.raises(ValueError, match="threshold"):
+    quantify.quantify_volume(labels.astype(np.float32), g)
+  with pytest.raises(ValueError, match="geometry"):
+    quantify.quantify_volume(labels[:3], g, num_classes=3)
+
+
+def test_empty_mask_and_empty_lung():
+  g = _geometry((3, 4, 5))
+  r = quantify.quantify_volume(np.zeros((3, 4, 5), np.uint8), g, lung=np.zeros((3, 4, 5), bool))
+  assert r["lov_ml"] == 0 and r["num_lesions"] == 0 and r["lesions"] == []
+  assert r["lung_volume_ml"] == 0 and r["poi_percent"] is None
+  r = quantify.quantify_volume(np.zeros((3, 4, 5), np.uint8), g, lung=np.ones((3, 4, 5), bool))
+  assert r["poi_percent"] == 0.0
+
+
+def test_slice_eight_connectivity():
+  labels = np.zeros((6, 7), np.uint8)
+  labels[0:2, 0:2] = 1
+  labels[2, 2] = 1                   # diagonal neighbour: same region in 2-D (8-connectivity)
+  labels[4:6, 5:7] = 2
+  r = quantify.quantify_slice(labels, num_classes=3)
+  assert r["opacity_pixels"] == 9 and r["num_lesions"] == 2
+  assert [l["pixels"] for l in r["lesions"]] == [5, 4]
+  assert r["class_pixels"] == {"ggo": 5, "consolidation": 4}
+  assert r["lesions"][1]["consolidation_pixels"] == 4
+  assert r["opacity_percent_of_image"] == pytest.approx(100 * 9 / 42)
+  assert r["lov_ml"] is None and r["poi_percent"] is None
+
+
+def test_phantom_true_volumes_and_lung_within_5_percent():
+  # The default phantom geometry (48 x 256 x 256, 1.4 x 1.4 x 5 mm), two patients.
+  for patient in (0, 1):
+    scan = phantom.generate_scan(2, patient, 1)
+    r = quantify.quantify_volume(scan.label, scan.geometry, hu=scan.hu, num_classes=3)
+    # The true mask gives the phantom's own lesion volume exactly...
+    assert r["lov_ml"] == pytest.approx(scan.lesion_volume_ml, rel=1e-9)
+    assert sum(r["class_volumes_ml"].values()) == pytest.approx(scan.lesion_volume_ml)
+    assert sum(l["volume_ml"] for l in r["lesions"]) == pytest.approx(scan.lesion_volume_ml)
+    # ... and the classical lung mask the true lung volume within 5%.
+    assert r["lung_volume_ml"] == pytest.approx(scan.lung_volume_ml, rel=0.05)
+    assert r["poi_percent"] == pytest.approx(100 * r["lov_ml"] / r["lung_volume_ml"])
+    # Lesions sit in the lung, so their centres do too.
+    for lesion in r["lesions"]:
+      assert scan.lung[tuple(lesion["centre_index"])]
