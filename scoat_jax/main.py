@@ -10,7 +10,6 @@ Data parallel over every device this process sees; several hosts join through
 `jax.distributed` (see BUILD.md).
 """
 import json
-import os
 import sys
 
 from absl import app, flags, logging
@@ -44,7 +43,7 @@ def main(argv):
   logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
 
-  from scoat_jax import checkpoints, datasets, input_pipeline, train
+  from scoat_jax import datasets, input_pipeline, train  # noqa: F401 (datasets registers builders)
   errors = (ValueError, FileNotFoundError, train.NonFiniteLossError)
   try:
     if FLAGS.mode == "eval":

@@ -48,7 +48,8 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
     raise ValueError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'.")
   return get_model(config.model, num_classes=config.num_classes,
                    deep_supervision=config.deep_supervision != "none",
-                   widths=tuple(config.widths), dtype=jnp.dtype(config.dtype))
+                   widths=tuple(config.widths), dtype=jnp.dtype(config.dtype),
+                   fast_cpu_grad=config.get("fast_cpu_grad", True))
 
 
 def create_loss(config: ml_collections.ConfigDict) -> Callable:

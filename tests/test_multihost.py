@@ -1,5 +1,10 @@
 """Two processes on loopback (jax.distributed, gloo CPU collectives), two fake
-devices each, take the same train step as one process with four devices."""
+devices each, take the same train step as one process with four devices.
+
+Opt-in (`SCOAT_JAX_MULTIHOST_TEST=1`): three processes compiling SCOAT-Net on
+a 2-core machine take ~4 minutes, a third of the suite's budget. BUILD.md
+gives the command; run it when touching parallel.py or the train step.
+"""
 import os
 import pathlib
 import subprocess
@@ -16,6 +21,8 @@ pytestmark = pytest.mark.usefixtures("no_persistent_cache")
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 
 
+@pytest.mark.skipif(os.environ.get("SCOAT_JAX_MULTIHOST_TEST") != "1",
+                    reason="opt-in: SCOAT_JAX_MULTIHOST_TEST=1 (about 4 minutes on 2 cores)")
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices; see conftest.py")
 def test_two_processes_take_the_same_step_as_one(tmp_path):
   port = portpicker.pick_unused_port()

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU check, prepared for one call of the `device` tool (an H100, <= 6 min):
+#
+#   1. the GPU-relevant tests (model, conv, losses, data parallel, train loop);
+#   2. the train-step benchmark at 512x512, float32 and bfloat16, batch 8/16/32;
+#   3. the forward-only benchmark at 512x512 (batch 32), float32 and bfloat16;
+#   4. `python -m scoat_jax.predict` on a 300-slice 512x512 phantom scan, timed.
+#
+# Everything lands in $OUT (JSON lines and logs); a step that fails or runs
+# out of its time slot is recorded in $OUT/summary.txt and the next one runs.
+#
+# On the device machine (its image has jax, flax, optax, orbax, absl, scipy,
+# matplotlib; carry the rest as wheels, see BUILD.md "GPU check"):
+#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=420)
+# Tried end to end on a CPU with tiny sizes:
+#   OUT=/tmp/check SCOAT_CHECK_TINY=1 bash benchmarks/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/scoat_device_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+if [ "${SCOAT_CHECK_TINY:-0}" = 1 ]; then
+  SIZE=64; BATCHES=2,4; WIDTHS=4,8,16,32,64; SCAN=6,64,64; PBATCH=4
+else
+  SIZE=512; BATCHES=8,16,32; WIDTHS=32,64,128,256,512; SCAN=300,512,512; PBATCH=32
+fi
+summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, record the outcome
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.log"
+  summary "$name: exit $? in $(( $(date +%s) - t0 )) s (limit $limit s)"
+}
+
+: >"$OUT/summary.txt"
+nvidia-smi >"$OUT/nvidia_smi.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/nvidia_smi.txt"
+summary "jax: $($PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tail -1)"
+
+step tests 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_conv.py \
+    tests/test_losses.py tests/test_schedule.py tests/test_data_parallel.py
+step train_step 150 $PY benchmarks/train_step.py --size=$SIZE --batch=$BATCHES \
+    --widths=$WIDTHS --dtype=float32,bfloat16 --repeats=5 --json
+step predict_bench 45 $PY benchmarks/predict.py --size=$SIZE --batch=$PBATCH \
+    --widths=$WIDTHS --dtype=float32,bfloat16 --repeats=5 --json
+
+# A whole scan through the CLI: an untrained full-size checkpoint (speed does
+# not depend on the weights) and a phantom scan written as NIfTI.
+step volume_setup 40 $PY - "$OUT/vol" "$SCAN" "$WIDTHS" "$SIZE" <<'EOF'
+import json, pathlib, sys, time, types
+import jax, jax.numpy as jnp, numpy as np
+from scoat_jax import checkpoints, train
+from scoat_jax.configs import default
+from scoat_jax.data import phantom
+root, scan, widths, size = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+shape = tuple(int(s) for s in scan.split(","))
+for dtype in ("float32", "bfloat16"):
+  c = default.get_config()
+  c.widths, c.dtype, c.data.image_size = tuple(int(w) for w in widths.split(",")), dtype, size
+  model = train.create_model(c)
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1)), train=False))(
+      jax.random.key(0))
+  work = root / f"ckpt_{dtype}"
+  work.mkdir(parents=True)
+  (work / "config.json").write_text(json.dumps(checkpoints.config_to_dict(c)))
+  state = types.SimpleNamespace(step=np.int32(1), params=variables["params"], opt_state={},
+                                batch_stats=variables["batch_stats"])
+  checkpoints.save(checkpoints.make_manager(work), state,
+                   meta={"config": checkpoints.config_to_dict(c), "step": 1},
+                   metrics={checkpoints.BEST_METRIC: 0.0})
+t = time.time()
+s = phantom.generate_scan(0, 0, 1, shape=shape)
+paths = phantom.write_scan(s, root / "scan", fmt="nifti")
+print(json.dumps({"scan": str(paths["image"]), "shape": shape, "generate_s": time.time() - t}))
+EOF
+for dtype in float32 bfloat16; do
+  step "predict_volume_$dtype" 60 /usr/bin/time -v $PY -m scoat_jax.predict \
+      --checkpoint="$OUT/vol/ckpt_$dtype" --input="$(ls "$OUT"/vol/scan/*image*.nii.gz | head -1)" \
+      --output="$OUT/vol/out_$dtype" --batch_size=$PBATCH
+done
+rm -rf "$OUT/vol"   # large; only the logs come back
+summary "done"

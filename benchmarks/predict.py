@@ -1,0 +1,69 @@
+"""Times SCOAT-Net's inference forward pass (slices -> labels) on random slices.
+
+  python benchmarks/predict.py --size=512 --batch=8,32 --dtype=float32,bfloat16
+  python benchmarks/predict.py --size=128 --widths=16,32,64,128,256 --json
+
+The timed function is the one validation and `scoat_jax.predict` run per batch
+(`scoat_jax.evaluation.make_predict_fn`: eval-mode forward, last head,
+threshold), jitted with the batch sharded over `--devices`. For a whole scan
+from file to report JSON, time `python -m scoat_jax.predict` instead (see
+benchmarks/device_check.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import common  # noqa: E402  (the benchmarks folder is not a package)
+
+
+def bench_one(args, mesh, *, size: int, batch: int, dtype: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from scoat_jax import evaluation, parallel, train
+  from scoat_jax.configs import default
+
+  config = default.get_config()
+  config.model, config.widths, config.dtype = args.model, args.width_tuple, dtype
+  config.deep_supervision = args.deep_supervision
+  parallel.check_batch_size(batch, mesh, flag="--batch")
+  model = train.create_model(config)
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1)), train=False),
+                      compiler_options=train.INIT_COMPILER_OPTIONS)(jax.random.key(0))
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  predict = evaluation.make_predict_fn(model.apply, num_classes=config.num_classes,
+                                       average_heads=False, mesh=mesh)
+  images = np.random.default_rng(0).random((batch, size, size, 1), dtype=np.float32)
+  images = jax.device_put(images, parallel.data_sharding(mesh))
+  timing = common.compile_and_time(predict, (variables, images), warmup=args.warmup,
+                                   repeats=args.repeats)
+  return common.summarize({"benchmark": "predict", "model": args.model, "size": size,
+                           "batch": batch, "dtype": dtype, "fast_cpu_grad": None,
+                           "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  common.add_common_flags(p)
+  p.set_defaults(batch="8", deep_supervision="none")
+  args = common.parse(p, argv)
+  mesh = common.setup(args)
+  rows = []
+  for size, batch, dtype in itertools.product(args.sizes, args.batches, args.dtypes):
+    rows.append(bench_one(args, mesh, size=size, batch=batch, dtype=dtype))
+    r = rows[-1]
+    print(f"size {size} batch {batch} {dtype}: {r['step_s_median']:.3f} s/batch, "
+          f"{r['slices_per_s']:.1f} slices/s (compile {r['compile_s']:.1f} s)",
+          file=sys.stderr, flush=True)
+  common.report(rows, as_json=args.json,
+                title=f"predict (forward only), {args.model} widths {args.widths}, "
+                      f"{mesh.devices.size} x {rows[0]['device']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,85 @@
+"""Times SCOAT-Net's training step (forward, backward, Adam) on random slices.
+
+  python benchmarks/train_step.py --size=128,256,512 --batch=2 --fast_cpu_grad=on,off
+  python benchmarks/train_step.py --size=512 --batch=8,16,32 --dtype=float32,bfloat16 --json
+  python benchmarks/train_step.py --devices=4 --size=64 --widths=8,16,32,64,128
+
+The step is `scoat_jax.train.train_step` under the same jit, shardings and
+donation as training (state replicated, batch sharded over `--devices`), with
+the paper's loss (BCE-Dice, deep supervision averaged over four heads). Inputs
+are random images with random square lesions; their values do not change the
+arithmetic. The default widths are the paper's (10.2 M parameters).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import common  # noqa: E402  (the benchmarks folder is not a package)
+
+
+def random_batch(batch: int, size: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  image = rng.random((batch, size, size, 1), dtype=np.float32)
+  mask = np.zeros((batch, size, size), np.int32)
+  for b in range(batch):
+    y, x = rng.integers(0, size - size // 4, 2)
+    mask[b, y:y + size // 4, x:x + size // 4] = 1
+  return {"image": image, "mask": mask}
+
+
+def bench_one(args, mesh, *, size: int, batch: int, dtype: str, fast: bool) -> dict:
+  import jax
+  from scoat_jax import parallel, train
+  from scoat_jax.configs import default
+  from scoat_jax.schedule import paper_schedule
+
+  config = default.get_config()
+  config.model, config.widths, config.dtype = args.model, args.width_tuple, dtype
+  config.fast_cpu_grad, config.deep_supervision = fast, args.deep_supervision
+  config.data.image_size = size
+  parallel.check_batch_size(batch, mesh, flag="--batch")
+  model = train.create_model(config)
+  tx = train.create_optimizer(paper_schedule(steps_per_epoch=100))
+  state = train.create_train_state(config, model, tx, jax.random.key(0), mesh)
+  step = train.make_train_step(config, mesh)
+  data = jax.device_put(random_batch(batch, size), parallel.data_sharding(mesh))
+  step_args = (state, data, jax.random.key(1))
+  # XLA counts a loop body once, so the per-tap weight gradient (a lax.map)
+  # would hide most of its FLOPs: count the model's arithmetic on the native
+  # convolution instead (same maths, same FLOPs).
+  config.fast_cpu_grad = False
+  native = train.make_train_step(config, mesh).lower(*step_args)
+  flops = common.lowered_flops(native)
+  timing = common.compile_and_time(step, step_args, warmup=args.warmup, repeats=args.repeats,
+                                   carry=lambda out, a: (out[0],) + a[1:], flops=flops)
+  return common.summarize({"benchmark": "train_step", "model": args.model, "size": size,
+                           "batch": batch, "dtype": dtype, "fast_cpu_grad": fast,
+                           "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  common.add_common_flags(p)
+  args = common.parse(p, argv)
+  mesh = common.setup(args)
+  rows = []
+  for size, batch, dtype, fast in itertools.product(args.sizes, args.batches, args.dtypes,
+                                                    args.fast):
+    rows.append(bench_one(args, mesh, size=size, batch=batch, dtype=dtype, fast=fast))
+    r = rows[-1]
+    print(f"size {size} batch {batch} {dtype} fast_cpu_grad={fast}: "
+          f"{r['step_s_median']:.3f} s/step (compile {r['compile_s']:.1f} s)",
+          file=sys.stderr, flush=True)
+  common.report(rows, as_json=args.json,
+                title=f"train step, {args.model} widths {args.widths}, "
+                      f"{mesh.devices.size} x {rows[0]['device']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,160 @@
+"""The training loop's promises: resume after SIGKILL, SIGTERM, NaN, workdir guard, eval.
+
+The resume test runs `python -m scoat_jax.main` in subprocesses exactly as a
+user would (tiny widths, 32 px slices of `ct_phantom/small`): once through,
+and once killed with SIGKILL after its first checkpoint and started again.
+The others run `train.train_and_evaluate` in this process, on one device like
+the shared tiny checkpoint (`trained_checkpoint.py`), with a wrapped train
+step that injects the failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from scoat_jax import checkpoints, train
+from trained_checkpoint import one_device
+from trained_checkpoint import tiny_config as _tiny
+
+# Same tiny executables as the shared trained checkpoint (one worker).
+pytestmark = pytest.mark.xdist_group("tiny_training")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir: str):
+  return _tiny(data_dir, epochs=4, steps=3)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  from scoat_jax.datasets import build
+  root = tmp_path_factory.mktemp("tfds")
+  build.build("ct_phantom/small", str(root))
+  return str(root)
+
+
+@pytest.fixture(autouse=True)
+def _one_device():
+  with one_device():
+    yield
+
+
+def _cli(data_dir: str, workdir: pathlib.Path, *extra: str) -> list[str]:
+  c = tiny_config(data_dir)
+  return [sys.executable, "-m", "scoat_jax.main", "--flagfile=launch/demo.cfg",
+          f"--workdir={workdir}", f"--config.widths={c.widths}",
+          f"--config.data.image_size={c.data.image_size}", f"--config.data.name={c.data.name}",
+          f"--config.data.data_dir={data_dir}", f"--config.data.num_folds={c.data.num_folds}",
+          f"--config.num_epochs={c.num_epochs}", f"--config.steps_per_epoch={c.steps_per_epoch}",
+          f"--config.batch_size={c.batch_size}", f"--config.eval_batch_size={c.eval_batch_size}",
+          "--config.log_every_steps=1", "--config.num_overlays=1",
+          f"--config.compilation_cache_dir={jax.config.jax_compilation_cache_dir}", *extra]
+
+
+def _env() -> dict:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one device per process
+  return env | {"JAX_PLATFORMS": "cpu"}
+
+
+def _run_cli(data_dir: str, workdir: pathlib.Path) -> str:
+  t0 = time.time()
+  run = subprocess.run(_cli(data_dir, workdir), cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  print(f"{workdir.name}: {time.time() - t0:.1f} s")
+  return run.stderr
+
+
+def _records(workdir: pathlib.Path) -> list[dict]:
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_same_command_resumes_to_the_same_metrics(data_dir, tmp_path):
+  reference = tmp_path / "uninterrupted"
+  _run_cli(data_dir, reference)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(data_dir, killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  first = killed / "checkpoints" / "3" / "commit_success.txt"
+  deadline = time.time() + 600
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < 12, saved
+
+  log = _run_cli(data_dir, killed)
+  assert f"Resuming from step {saved[-1]}" in log
+  want, got = _records(reference), _records(killed)
+  assert [r["step"] for r in got] == [3, 6, 9, 12]
+  for key in ("train_loss", "val_dsc", "val_sen", "val_ppv", "val_va", "val_rlp", "val_rlr",
+              "learning_rate"):
+    np.testing.assert_allclose(got[-1][key], want[-1][key], rtol=1e-6, err_msg=key)
+
+  # --mode=eval scores the saved best checkpoint like the run's own evaluation
+  # did (here in a process with other XLA settings: equal up to float rounding).
+  best = max(want, key=lambda r: r["val_dsc"])
+  aggregate, per_case = train.evaluate_checkpoint(tiny_config(data_dir), str(reference))
+  assert per_case and np.isclose(aggregate["val_dsc"], best["val_dsc"], rtol=1e-3)
+
+  # The workdir guard: the same workdir with another model is refused, naming the fix.
+  other = tiny_config(data_dir)
+  other.widths = (8, 16, 32, 64, 128)
+  with pytest.raises(checkpoints.CheckpointError, match="--overwrite"):
+    checkpoints.check_workdir(reference, other, overwrite=False)
+
+
+class _Injecting:
+  """Wraps the real train step: calls `hook(step_index, metrics)` after each step."""
+
+  def __init__(self, monkeypatch, hook):
+    real = train.make_train_step
+    self.calls = 0
+
+    def make(config, mesh, **kw):
+      step = real(config, mesh, **kw)
+
+      def wrapped(state, batch, rng):
+        state, metrics = step(state, batch, rng)
+        self.calls += 1
+        return state, hook(self.calls, metrics)
+      return wrapped
+    monkeypatch.setattr(train, "make_train_step", make)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch):
+  def poison(calls, metrics):
+    return metrics | {"loss": jax.numpy.float32(np.nan)} if calls == 5 else metrics
+  _Injecting(monkeypatch, poison)
+  with pytest.raises(train.NonFiniteLossError, match="at step 4"):
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  assert checkpoints.make_manager(tmp_path).latest_step() == 3
+  assert [r["step"] for r in _records(tmp_path)] == [3]
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, monkeypatch):
+  def terminate(calls, metrics):
+    if calls == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return metrics
+  _Injecting(monkeypatch, terminate)
+  with pytest.raises(KeyboardInterrupt, match="signal 15 at step 2"):
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  manager = checkpoints.make_manager(tmp_path)
+  assert manager.latest_step() == 2
+  _, meta = checkpoints.load_variables(tmp_path / "checkpoints" / "2")
+  assert meta["interrupted"] is True
