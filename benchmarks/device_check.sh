@@ -13,7 +13,7 @@
 # matplotlib; carry the rest as wheels, see BUILD.md "GPU check"):
 #   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=420)
 # Tried end to end on a CPU with tiny sizes:
-#   OUT=/tmp/check SCOAT_CHECK_TINY=1 bash benchmarks/device_check.sh
+#   OUT=/tmp/check SCOAT_CHECK_TINY=1 SCOAT_CHECK_TIME_SCALE=4 bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/scoat_device_check}
@@ -31,8 +31,9 @@ else
   SIZE=512; BATCHES=8,16,32; WIDTHS=32,64,128,256,512; SCAN=300,512,512; PBATCH=32
 fi
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+SCALE=${SCOAT_CHECK_TIME_SCALE:-1}   # multiplies every time limit (a CPU trial needs ~4)
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, record the outcome
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * SCALE )); shift 2
   local t0=$(date +%s)
   timeout "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.log"
   summary "$name: exit $? in $(( $(date +%s) - t0 )) s (limit $limit s)"

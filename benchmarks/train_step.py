@@ -53,7 +53,8 @@ def bench_one(args, mesh, *, size: int, batch: int, dtype: str, fast: bool) -> d
   # would hide most of its FLOPs: count the model's arithmetic on the native
   # convolution instead (same maths, same FLOPs).
   config.fast_cpu_grad = False
-  native = train.make_train_step(config, mesh).lower(*step_args)
+  native_state = state.replace(apply_fn=train.create_model(config).apply)
+  native = train.make_train_step(config, mesh).lower(native_state, *step_args[1:])
   flops = common.lowered_flops(native)
   timing = common.compile_and_time(step, step_args, warmup=args.warmup, repeats=args.repeats,
                                    carry=lambda out, a: (out[0],) + a[1:], flops=flops)
