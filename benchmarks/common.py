@@ -9,6 +9,7 @@ of the compiled executable (the model's own arithmetic, summed over devices).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -158,3 +159,26 @@ def report(rows: list[dict], *, as_json: bool, title: str) -> None:
   if as_json:
     for r in rows:
       print(json.dumps(r))
+
+
+def run_grid(bench_one: Callable[..., dict], mesh, grid: dict[str, list], *, as_json: bool,
+             title: str) -> list[dict]:
+  """Runs `bench_one(mesh=..., **point)` over the product of `grid`, then reports.
+
+  Args:
+    bench_one: measures one point; returns a `summarize` row.
+    mesh: the benchmark mesh.
+    grid: keyword name -> values, e.g. {"size": [128, 256], "batch": [2]}.
+    as_json: also print one JSON line per row.
+    title: the table's title (the device is appended).
+  """
+  rows = []
+  for values in itertools.product(*grid.values()):
+    point = dict(zip(grid, values))
+    r = bench_one(mesh=mesh, **point)
+    rows.append(r)
+    print(" ".join(f"{k}={v}" for k, v in point.items()) +
+          f": {r['step_s_median']:.3f} s/call, {r['slices_per_s']:.2f} slices/s "
+          f"(compile {r['compile_s']:.1f} s)", file=sys.stderr, flush=True)
+  report(rows, as_json=as_json, title=f"{title}, {mesh.devices.size} x {rows[0]['device']}")
+  return rows

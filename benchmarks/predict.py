@@ -12,7 +12,7 @@ benchmarks/device_check.sh).
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import sys
 
 import numpy as np
@@ -21,7 +21,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402  (the benchmarks folder is not a package)
 
 
-def bench_one(args, mesh, *, size: int, batch: int, dtype: str) -> dict:
+def bench_one(args, *, mesh, size: int, batch: int, dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
   from scoat_jax import evaluation, parallel, train
@@ -52,16 +52,10 @@ def main(argv=None) -> int:
   p.set_defaults(batch="8", deep_supervision="none")
   args = common.parse(p, argv)
   mesh = common.setup(args)
-  rows = []
-  for size, batch, dtype in itertools.product(args.sizes, args.batches, args.dtypes):
-    rows.append(bench_one(args, mesh, size=size, batch=batch, dtype=dtype))
-    r = rows[-1]
-    print(f"size {size} batch {batch} {dtype}: {r['step_s_median']:.3f} s/batch, "
-          f"{r['slices_per_s']:.1f} slices/s (compile {r['compile_s']:.1f} s)",
-          file=sys.stderr, flush=True)
-  common.report(rows, as_json=args.json,
-                title=f"predict (forward only), {args.model} widths {args.widths}, "
-                      f"{mesh.devices.size} x {rows[0]['device']}")
+  common.run_grid(functools.partial(bench_one, args), mesh,
+                  {"size": args.sizes, "batch": args.batches, "dtype": args.dtypes},
+                  as_json=args.json,
+                  title=f"predict (forward only), {args.model} widths {args.widths}")
   return 0
 
 

@@ -13,7 +13,7 @@ arithmetic. The default widths are the paper's (10.2 M parameters).
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import sys
 
 import numpy as np
@@ -32,7 +32,7 @@ def random_batch(batch: int, size: int, seed: int = 0) -> dict:
   return {"image": image, "mask": mask}
 
 
-def bench_one(args, mesh, *, size: int, batch: int, dtype: str, fast: bool) -> dict:
+def bench_one(args, *, mesh, size: int, batch: int, dtype: str, fast: bool) -> dict:
   import jax
   from scoat_jax import parallel, train
   from scoat_jax.configs import default
@@ -68,17 +68,10 @@ def main(argv=None) -> int:
   common.add_common_flags(p)
   args = common.parse(p, argv)
   mesh = common.setup(args)
-  rows = []
-  for size, batch, dtype, fast in itertools.product(args.sizes, args.batches, args.dtypes,
-                                                    args.fast):
-    rows.append(bench_one(args, mesh, size=size, batch=batch, dtype=dtype, fast=fast))
-    r = rows[-1]
-    print(f"size {size} batch {batch} {dtype} fast_cpu_grad={fast}: "
-          f"{r['step_s_median']:.3f} s/step (compile {r['compile_s']:.1f} s)",
-          file=sys.stderr, flush=True)
-  common.report(rows, as_json=args.json,
-                title=f"train step, {args.model} widths {args.widths}, "
-                      f"{mesh.devices.size} x {rows[0]['device']}")
+  common.run_grid(functools.partial(bench_one, args), mesh,
+                  {"size": args.sizes, "batch": args.batches, "dtype": args.dtypes,
+                   "fast": args.fast},
+                  as_json=args.json, title=f"train step, {args.model} widths {args.widths}")
   return 0
 
 
