@@ -21,6 +21,9 @@ jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
+# The shared tiny dataset, trained checkpoint and their helpers (fixtures for all modules).
+pytest_plugins = ("trained_checkpoint",)
+
 # Where the real COVID-SemiSeg slices live, relative to the project root.
 SEMISEG_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-semiseg-train"
 

@@ -35,12 +35,9 @@ def tiny_config(data_dir: str):
   return _tiny(data_dir, epochs=4, steps=3)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-  from scoat_jax.datasets import build
-  root = tmp_path_factory.mktemp("tfds")
-  build.build("ct_phantom/small", str(root))
-  return str(root)
+@pytest.fixture
+def data_dir(tiny_data_dir) -> str:
+  return tiny_data_dir
 
 
 @pytest.fixture(autouse=True)

@@ -88,14 +88,23 @@ def save_checkpoint(workdir, variables: dict, config: dict, *, step: int = 1,
 
 
 @pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory) -> pathlib.Path:
+def tiny_data_dir(tmp_path_factory) -> str:
+  """ct_phantom/small built once per session (for every tiny training run)."""
+  if "tfds" not in _CACHE:
+    from scoat_jax.datasets import build
+    root = tmp_path_factory.mktemp("tfds")
+    build.build("ct_phantom/small", str(root))
+    _CACHE["tfds"] = str(root)
+  return _CACHE["tfds"]
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tiny_data_dir, tmp_path_factory) -> pathlib.Path:
   """A workdir trained for 3 steps on ct_phantom/small (widths 4..64, 32 px, batch 4)."""
   if "workdir" not in _CACHE:
-    from scoat_jax.datasets import build
     root = tmp_path_factory.mktemp("trained")
-    build.build("ct_phantom/small", str(root / "tfds"))
     with one_device():
-      train.train_and_evaluate(tiny_config(str(root / "tfds")), str(root / "workdir"))
+      train.train_and_evaluate(tiny_config(tiny_data_dir), str(root / "workdir"))
     _CACHE["workdir"] = root / "workdir"
   return _CACHE["workdir"]
 
