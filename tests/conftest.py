@@ -8,7 +8,14 @@ import pathlib
 
 # Four fake CPU devices let the data-parallel tests run on a one-CPU machine.
 # Single-device tests are unaffected: jit places work on device 0.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# XLA's CPU collectives abort the process when one device thread waits too long
+# for the others at an all-reduce; on a loaded 2-core machine four device
+# threads can fall that far apart, so the limit is raised well above any step.
+os.environ.setdefault("XLA_FLAGS", " ".join((
+    "--xla_force_host_platform_device_count=4",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+    "--xla_cpu_collective_timeout_seconds=1800",
+)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
