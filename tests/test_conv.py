@@ -42,6 +42,23 @@ def test_weight_grad_hand_case():
   np.testing.assert_array_equal(dw, expected)
 
 
+@pytest.mark.parametrize("cin,cout", [(2, 3), (3, 2)])  # x shifted; g shifted
+def test_weight_grad_matches_numpy_loop(cin, cout):
+  # The definition, dW[i, j] = sum_{b,h,w} x_pad[b, h+i, w+j]^T g[b, h, w], as loops.
+  rng = np.random.default_rng(cin)
+  x = rng.normal(size=(2, 4, 5, cin)).astype(np.float32)
+  g = rng.normal(size=(2, 4, 5, cout)).astype(np.float32)
+  x_pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expected = np.zeros((3, 3, cin, cout), np.float64)
+  for i in range(3):
+    for j in range(3):
+      for h in range(4):
+        for w in range(5):
+          expected[i, j] += np.einsum("bi,bo->io", x_pad[:, h + i, w + j], g[:, h, w])
+  dw = conv_lib.weight_grad_by_taps(jnp.asarray(x), jnp.asarray(g), (3, 3, cin, cout))
+  np.testing.assert_allclose(dw, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_model_gradients_match_with_and_without_fast_grad():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
   kwargs = dict(widths=(4, 8, 16, 32, 64), deep_supervision=True)

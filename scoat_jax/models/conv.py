@@ -40,6 +40,18 @@ def conv2d_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
   """dL/dkernel of `conv2d_native` as one matrix product per kernel tap.
 
+  Tap (i, j) of the gradient is the product of two (positions x channels)
+  matrices, one of them shifted by the tap. The shifted operand is copied
+  once per tap, so the narrower of `x` and `g` is the one shifted:
+
+  * C_in <= C_out: dW[i, j] = sum_p x_pad[p + (i, j)]^T g[p];
+  * otherwise, with g zero-extended by 2 * pad around the padded grid,
+    dW[i, j] = sum_q x_pad[q]^T g_ext[q - (i, j)] over the padded grid q.
+
+  The unshifted operand is laid out as (channels, positions) once, outside
+  the tap loop: XLA's CPU dot wants its left operand that way and would
+  otherwise transpose a fresh copy for every tap.
+
   Args:
     x: the convolution's input (B, H, W, C_in).
     g: the gradient of its output (B, H, W, C_out).
@@ -50,18 +62,38 @@ def weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
   """
   kh, kw, cin, cout = kernel_shape
   batch, height, width, _ = x.shape
+  ph, pw = kh // 2, kw // 2
   # Accumulate in float32 also for bfloat16 activations.
   acc = jnp.promote_types(x.dtype, jnp.float32)
   if kh == kw == 1:
-    return jnp.einsum("bhwi,bhwo->io", x, g, preferred_element_type=acc).reshape(
-        kernel_shape).astype(x.dtype)
-  x_pad = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    # The dot's left operand is the one XLA transposes: make it the narrower.
+    if cin <= cout:
+      d_kernel = jnp.einsum("bhwi,bhwo->io", x, g, preferred_element_type=acc)
+    else:
+      d_kernel = jnp.einsum("bhwo,bhwi->oi", g, x, preferred_element_type=acc).T
+    return d_kernel.reshape(kernel_shape).astype(x.dtype)
+  x_pad = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  taps = jnp.arange(kh * kw)
 
-  def tap(t):
-    shifted = lax.dynamic_slice(x_pad, (0, t // kw, t % kw, 0), (batch, height, width, cin))
-    return jnp.einsum("bhwi,bhwo->io", shifted, g, preferred_element_type=acc)
+  if cin <= cout:
+    g_t = g.reshape(-1, cout).T  # (C_out, positions)
 
-  return lax.map(tap, jnp.arange(kh * kw)).reshape(kernel_shape).astype(x.dtype)
+    def shift_x(t):
+      shifted = lax.dynamic_slice(x_pad, (0, t // kw, t % kw, 0), (batch, height, width, cin))
+      return jnp.dot(g_t, shifted.reshape(-1, cin), preferred_element_type=acc)
+
+    d_kernel = jnp.swapaxes(lax.map(shift_x, taps), 1, 2)  # (taps, C_out, C_in) -> (taps, C_in, C_out)
+  else:
+    x_t = x_pad.reshape(-1, cin).T  # (C_in, padded positions)
+    g_ext = jnp.pad(g, ((0, 0), (2 * ph, 2 * ph), (2 * pw, 2 * pw), (0, 0)))
+    padded = (batch, height + 2 * ph, width + 2 * pw, cout)
+
+    def shift_g(t):
+      shifted = lax.dynamic_slice(g_ext, (0, 2 * ph - t // kw, 2 * pw - t % kw, 0), padded)
+      return jnp.dot(x_t, shifted.reshape(-1, cout), preferred_element_type=acc)
+
+    d_kernel = lax.map(shift_g, taps)  # (taps, C_in, C_out)
+  return d_kernel.reshape(kernel_shape).astype(x.dtype)
 
 
 @jax.custom_vjp
