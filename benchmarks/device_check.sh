@@ -43,7 +43,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, record the
 nvidia-smi >"$OUT/nvidia_smi.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/nvidia_smi.txt"
 summary "jax: $($PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tail -1)"
 
-step tests 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_conv.py \
+# conftest.py defaults JAX_PLATFORMS to cpu; empty means "best available" (the GPU).
+step tests 90 env JAX_PLATFORMS= $PY -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_conv.py \
     tests/test_losses.py tests/test_schedule.py tests/test_data_parallel.py
 step train_step 150 $PY benchmarks/train_step.py --size=$SIZE --batch=$BATCHES \
     --widths=$WIDTHS --dtype=float32,bfloat16 --repeats=5 --json
@@ -79,8 +80,9 @@ s = phantom.generate_scan(0, 0, 1, shape=shape)
 paths = phantom.write_scan(s, root / "scan", fmt="nifti")
 print(json.dumps({"scan": str(paths["image"]), "shape": shape, "generate_s": time.time() - t}))
 EOF
+TIME_V=(); [ -x /usr/bin/time ] && TIME_V=(/usr/bin/time -v)   # peak RSS, where installed
 for dtype in float32 bfloat16; do
-  step "predict_volume_$dtype" 60 /usr/bin/time -v $PY -m scoat_jax.predict \
+  step "predict_volume_$dtype" 60 "${TIME_V[@]}" $PY -m scoat_jax.predict \
       --checkpoint="$OUT/vol/ckpt_$dtype" --input="$(ls "$OUT"/vol/scan/*image*.nii.gz | head -1)" \
       --output="$OUT/vol/out_$dtype" --batch_size=$PBATCH
 done
