@@ -76,3 +76,21 @@ def test_model_gradients_match_with_and_without_fast_grad():
   g_fast, g_native = grads(fast), grads(native)
   flat = lambda t: jnp.concatenate([jnp.ravel(l) for l in jax.tree_util.tree_leaves(t)])
   assert _rel(flat(g_fast), flat(g_native)) <= 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_bfloat16_gradients_run_on_cpu_and_match_float32(k):
+  # The bfloat16 train step on the CPU goes through this gradient; XLA's CPU dot
+  # has no bfloat16 x bfloat16 -> float32 kernel, so this once failed at run time.
+  kx, kw, kg = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(kx, (2, 16, 16, 8))
+  w = jax.random.normal(kw, (k, k, 8, 4)) / np.sqrt(8 * k * k)
+  g = jax.random.normal(kg, (2, 16, 16, 4))
+  for cin_first in (True, False):  # both shifting branches: C_in > C_out and C_in < C_out
+    xs, ws, gs = (x, w, g) if cin_first else (g, jnp.swapaxes(w, 2, 3), x)
+    ref = jax.jit(lambda a, b: conv_lib.weight_grad_by_taps(a, b, ws.shape))(xs, gs)
+    _, vjp = jax.vjp(jax.jit(conv_lib.conv2d_fast_weight_grad),
+                     xs.astype(jnp.bfloat16), ws.astype(jnp.bfloat16))
+    dx, dw = vjp(gs.astype(jnp.bfloat16))
+    assert dw.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
+    assert _rel(dw.astype(jnp.float32), ref) <= 2e-2

@@ -63,15 +63,18 @@ def weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
   kh, kw, cin, cout = kernel_shape
   batch, height, width, _ = x.shape
   ph, pw = kh // 2, kw // 2
-  # Accumulate in float32 also for bfloat16 activations.
+  # Accumulate in float32 also for bfloat16 activations. XLA's CPU dot has no
+  # bfloat16 x bfloat16 -> float32 kernel, so the operands are widened first.
   acc = jnp.promote_types(x.dtype, jnp.float32)
+  out_dtype = x.dtype
+  x, g = x.astype(acc), g.astype(acc)
   if kh == kw == 1:
     # The dot's left operand is the one XLA transposes: make it the narrower.
     if cin <= cout:
       d_kernel = jnp.einsum("bhwi,bhwo->io", x, g, preferred_element_type=acc)
     else:
       d_kernel = jnp.einsum("bhwo,bhwi->oi", g, x, preferred_element_type=acc).T
-    return d_kernel.reshape(kernel_shape).astype(x.dtype)
+    return d_kernel.reshape(kernel_shape).astype(out_dtype)
   x_pad = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   taps = jnp.arange(kh * kw)
 
@@ -93,7 +96,7 @@ def weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
       return jnp.dot(x_t, shifted.reshape(-1, cout), preferred_element_type=acc)
 
     d_kernel = lax.map(shift_g, taps)  # (taps, C_in, C_out)
-  return d_kernel.reshape(kernel_shape).astype(x.dtype)
+  return d_kernel.reshape(kernel_shape).astype(out_dtype)
 
 
 @jax.custom_vjp
