@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, prepared for one call of the `device` tool (an H100, <= 6 min):
+# The GPU check, prepared for one call of the `device` tool (an H100; its time limits add
+# up to 6 minutes):
 #
 #   1. the GPU-relevant tests (model, conv, losses, data parallel, train loop);
 #   2. the train-step benchmark at 512x512, float32 and bfloat16, batch 8/16/32;
@@ -44,16 +45,16 @@ nvidia-smi >"$OUT/nvidia_smi.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/nvidia_smi
 summary "jax: $($PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tail -1)"
 
 # conftest.py defaults JAX_PLATFORMS to cpu; empty means "best available" (the GPU).
-step tests 90 env JAX_PLATFORMS= $PY -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_conv.py \
+step tests 60 env JAX_PLATFORMS= $PY -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_conv.py \
     tests/test_losses.py tests/test_schedule.py tests/test_data_parallel.py
-step train_step 150 $PY benchmarks/train_step.py --size=$SIZE --batch=$BATCHES \
+step train_step 120 $PY benchmarks/train_step.py --size=$SIZE --batch=$BATCHES \
     --widths=$WIDTHS --dtype=float32,bfloat16 --repeats=5 --json
-step predict_bench 45 $PY benchmarks/predict.py --size=$SIZE --batch=$PBATCH \
+step predict_bench 40 $PY benchmarks/predict.py --size=$SIZE --batch=$PBATCH \
     --widths=$WIDTHS --dtype=float32,bfloat16 --repeats=5 --json
 
 # A whole scan through the CLI: an untrained full-size checkpoint (speed does
 # not depend on the weights) and a phantom scan written as NIfTI.
-step volume_setup 40 $PY - "$OUT/vol" "$SCAN" "$WIDTHS" "$SIZE" <<'EOF'
+step volume_setup 60 $PY - "$OUT/vol" "$SCAN" "$WIDTHS" "$SIZE" <<'EOF'
 import json, pathlib, sys, time, types
 import jax, jax.numpy as jnp, numpy as np
 from scoat_jax import checkpoints, train
@@ -77,13 +78,16 @@ for dtype in ("float32", "bfloat16"):
                    metrics={checkpoints.BEST_METRIC: 0.0})
 t = time.time()
 s = phantom.generate_scan(0, 0, 1, shape=shape)
+(root / "scan").mkdir()
 paths = phantom.write_scan(s, root / "scan", fmt="nifti")
 print(json.dumps({"scan": str(paths["image"]), "shape": shape, "generate_s": time.time() - t}))
 EOF
 TIME_V=(); [ -x /usr/bin/time ] && TIME_V=(/usr/bin/time -v)   # peak RSS, where installed
+SCAN_FILE=$($PY -c 'import json, sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["scan"])' \
+    "$OUT/volume_setup.out" 2>/dev/null)
 for dtype in float32 bfloat16; do
-  step "predict_volume_$dtype" 60 "${TIME_V[@]}" $PY -m scoat_jax.predict \
-      --checkpoint="$OUT/vol/ckpt_$dtype" --input="$(ls "$OUT"/vol/scan/*image*.nii.gz | head -1)" \
+  step "predict_volume_$dtype" 40 "${TIME_V[@]}" $PY -m scoat_jax.predict \
+      --checkpoint="$OUT/vol/ckpt_$dtype" --input="$SCAN_FILE" \
       --output="$OUT/vol/out_$dtype" --batch_size=$PBATCH
 done
 rm -rf "$OUT/vol"   # large; only the logs come back
