@@ -53,7 +53,7 @@ def _cli(data_dir: str, workdir: pathlib.Path, *extra: str) -> list[str]:
           f"--config.data.image_size={c.data.image_size}", f"--config.data.name={c.data.name}",
           f"--config.data.data_dir={data_dir}", f"--config.data.num_folds={c.data.num_folds}",
           f"--config.num_epochs={c.num_epochs}", f"--config.steps_per_epoch={c.steps_per_epoch}",
-          f"--config.eval_every_epochs={c.eval_every_epochs}",
+          f"--config.eval_every_epochs={c.eval_every_epochs}", f"--config.data.slices={c.data.slices}",
           f"--config.batch_size={c.batch_size}", f"--config.eval_batch_size={c.eval_batch_size}",
           "--config.log_every_steps=1", "--config.num_overlays=1",
           f"--config.compilation_cache_dir={jax.config.jax_compilation_cache_dir}", *extra]

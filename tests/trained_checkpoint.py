@@ -44,6 +44,7 @@ def tiny_config(data_dir: str, *, epochs: int = 1, steps: int = 3):
   c.data.num_folds = 3
   c.num_epochs, c.steps_per_epoch = epochs, steps
   c.eval_every_epochs = 1   # a checkpoint per epoch: the tests resume and compare epochs
+  c.data.slices = "lung"    # what the tiny runs were built and measured with
   c.batch_size, c.eval_batch_size = 4, 8
   c.log_every_steps = 1
   c.num_overlays = 1
