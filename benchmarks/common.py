@@ -42,11 +42,9 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     # Only affects the host (CPU) platform; harmless on GPU machines.
-    # Fake devices share the cores; a slow one must not trip XLA's 40 s all-reduce abort.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}"
-                               " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
-                               " --xla_cpu_collective_timeout_seconds=1800").strip()
+    from scoat_jax import parallel  # imports JAX, which reads XLA_FLAGS only at first use
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                               parallel.fake_cpu_devices_xla_flags(args.devices)).strip()
   args.sizes = [int(s) for s in args.size.split(",")]
   args.batches = [int(b) for b in args.batch.split(",")]
   args.dtypes = args.dtype.split(",")

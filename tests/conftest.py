@@ -6,19 +6,16 @@ live here (pytest imports conftest before any test module).
 import os
 import pathlib
 
-# Four fake CPU devices let the data-parallel tests run on a one-CPU machine.
-# Single-device tests are unaffected: jit places work on device 0.
-# XLA's CPU collectives abort the process when one device thread waits too long
-# for the others at an all-reduce; on a loaded 2-core machine four device
-# threads can fall that far apart, so the limit is raised well above any step.
-os.environ.setdefault("XLA_FLAGS", " ".join((
-    "--xla_force_host_platform_device_count=4",
-    "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
-    "--xla_cpu_collective_timeout_seconds=1800",
-)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+
+from scoat_jax import parallel  # noqa: E402
+
+# Four fake CPU devices let the data-parallel tests run on a one-CPU machine
+# (single-device tests are unaffected: jit places work on device 0). Read when
+# JAX creates its CPU backend, i.e. at first use, not at import.
+os.environ.setdefault("XLA_FLAGS", parallel.fake_cpu_devices_xla_flags(4))
 import pytest  # noqa: E402
 
 _CACHE = pathlib.Path(

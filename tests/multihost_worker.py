@@ -7,9 +7,6 @@ process 0 writes the step's result (loss, gradients, parameters, BN statistics).
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
-                           " --xla_cpu_collective_timeout_seconds=1800")
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{sys.argv[1]}"
 os.environ["JAX_NUM_PROCESSES"] = "2"
@@ -20,6 +17,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from scoat_jax import parallel  # noqa: E402
+
+# Read when JAX creates its CPU backend (first use, below), not at import.
+os.environ["XLA_FLAGS"] = parallel.fake_cpu_devices_xla_flags(2)
 
 
 def main():

@@ -86,8 +86,8 @@ def test_bfloat16_gradients_run_on_cpu_and_match_float32(k):
   x = jax.random.normal(kx, (2, 16, 16, 8))
   w = jax.random.normal(kw, (k, k, 8, 4)) / np.sqrt(8 * k * k)
   g = jax.random.normal(kg, (2, 16, 16, 4))
-  for cin_first in (True, False):  # both shifting branches: C_in > C_out and C_in < C_out
-    xs, ws, gs = (x, w, g) if cin_first else (g, jnp.swapaxes(w, 2, 3), x)
+  for wide_input in (True, False):  # both shifting branches: C_in > C_out and C_in < C_out
+    xs, ws, gs = (x, w, g) if wide_input else (g, jnp.swapaxes(w, 2, 3), x)
     ref = jax.jit(lambda a, b: conv_lib.weight_grad_by_taps(a, b, ws.shape))(xs, gs)
     _, vjp = jax.vjp(jax.jit(conv_lib.conv2d_fast_weight_grad),
                      xs.astype(jnp.bfloat16), ws.astype(jnp.bfloat16))
