@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from scoat_jax import checkpoints, train
+from scoat_jax.configs import demo as demo_config
 from trained_checkpoint import one_device
 from trained_checkpoint import tiny_config as _tiny
 
@@ -46,17 +47,26 @@ def _one_device():
     yield
 
 
+def _flat(config, prefix: str = "") -> dict:
+  """{'data.image_size': 32, ...}: the leaves of a ConfigDict by dotted name."""
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 def _cli(data_dir: str, workdir: pathlib.Path, *extra: str) -> list[str]:
-  c = tiny_config(data_dir)
+  # The demo's flagfile plus every field the tiny config sets differently, so the
+  # command line cannot drift from `tiny_config` (the compilation cache stays on).
+  tiny = _flat(tiny_config(data_dir)) | {
+      "compilation_cache_dir": jax.config.jax_compilation_cache_dir}
+  demo = _flat(demo_config.get_config())
+  overrides = [f"--config.{k}={v}" for k, v in sorted(tiny.items()) if demo.get(k) != v]
   return [sys.executable, "-m", "scoat_jax.main", "--flagfile=launch/demo.cfg",
-          f"--workdir={workdir}", f"--config.widths={c.widths}",
-          f"--config.data.image_size={c.data.image_size}", f"--config.data.name={c.data.name}",
-          f"--config.data.data_dir={data_dir}", f"--config.data.num_folds={c.data.num_folds}",
-          f"--config.num_epochs={c.num_epochs}", f"--config.steps_per_epoch={c.steps_per_epoch}",
-          f"--config.eval_every_epochs={c.eval_every_epochs}", f"--config.data.slices={c.data.slices}",
-          f"--config.batch_size={c.batch_size}", f"--config.eval_batch_size={c.eval_batch_size}",
-          "--config.log_every_steps=1", "--config.num_overlays=1",
-          f"--config.compilation_cache_dir={jax.config.jax_compilation_cache_dir}", *extra]
+          f"--workdir={workdir}", *overrides, *extra]
 
 
 def _env() -> dict:
