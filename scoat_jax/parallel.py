@@ -20,18 +20,20 @@ DATA_AXIS = "data"
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
-def fake_cpu_devices_xla_flags(count: int) -> str:
+def fake_cpu_devices_xla_flags(count: int, collective_timeout_s: int = 1800) -> str:
   """XLA_FLAGS giving this host `count` fake CPU devices (tests, CPU benchmarks).
 
-  The fake devices are threads sharing the host's cores. XLA's CPU all-reduce
-  aborts the process ("Termination timeout ... of 40 seconds exceeded") when
-  one device thread reaches it 40 s after the others, which happened on a
-  loaded 2-core machine; the limit is raised far above any step. Set before
-  JAX creates its CPU backend.
+  The fake devices are threads sharing the host's cores. XLA's CPU collectives
+  abort the process ("Termination timeout ... exceeded") when a device thread
+  waits longer than `collective_timeout_s` for the others at a rendezvous.
+  XLA's default, 40 s, is within the spread of the device threads' arrival
+  times for a full-size step on a loaded 2-core machine, hence 1800 s for
+  benchmarks; the tests' tiny steps pass 120 s, so that a stalled collective
+  fails fast instead of hanging. Set before JAX creates its CPU backend.
   """
   return (f"--xla_force_host_platform_device_count={count}"
-          " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
-          " --xla_cpu_collective_timeout_seconds=1800")
+          f" --xla_cpu_collective_call_terminate_timeout_seconds={collective_timeout_s}"
+          f" --xla_cpu_collective_timeout_seconds={collective_timeout_s}")
 
 
 def maybe_initialize_distributed(force: bool = False) -> bool:

@@ -12,11 +12,13 @@ import jax  # noqa: E402
 
 from scoat_jax import parallel  # noqa: E402
 
-# Four fake CPU devices let the data-parallel tests run on a one-CPU machine
-# (single-device tests are unaffected: jit places work on device 0). Read when
-# JAX creates its CPU backend, i.e. at first use, not at import.
-os.environ.setdefault("XLA_FLAGS", parallel.fake_cpu_devices_xla_flags(4))
-import pytest  # noqa: E402
+# Four fake CPU devices: inference shards slices over them, and the batch-size
+# checks see a multi-device mesh (single-device tests are unaffected: jit
+# places work on device 0). No test takes a cross-device collective in this
+# process (the train step's all-reduce runs in data_parallel_worker.py); if one
+# ever stalls, XLA aborts after 120 s instead of hanging. Read when JAX creates
+# its CPU backend, i.e. at first use, not at import.
+os.environ.setdefault("XLA_FLAGS", parallel.fake_cpu_devices_xla_flags(4, collective_timeout_s=120))
 
 _CACHE = pathlib.Path(
     os.environ.get("SCOAT_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "scoat_jax" / "jax_test_cache"))
@@ -31,16 +33,3 @@ pytest_plugins = ("trained_checkpoint",)
 # Where the real COVID-SemiSeg slices live, relative to the project root.
 SEMISEG_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-semiseg-train"
 
-
-@pytest.fixture
-def no_persistent_cache():
-  """Compiles fresh instead of loading from the persistent cache.
-
-  Executables with cross-device all-reduces over fake CPU devices, loaded from
-  the persistent cache, deadlocked in XLA's CPU rendezvous on a 2-core machine
-  (jaxlib 0.10.2); compiled fresh they run. Multi-device tests use this.
-  """
-  previous = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  yield
-  jax.config.update("jax_enable_compilation_cache", previous)
