@@ -6,8 +6,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from trained_checkpoint import (SCAN_SHAPE, shifted_workdir, test_scan, trained_workdir,  # noqa: F401
-                                write_rotated_nifti)
+from trained_checkpoint import SCAN_SHAPE, test_scan, write_rotated_nifti
 from scoat_jax import attention, infer, predict
 from scoat_jax.models import layers
 

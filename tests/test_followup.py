@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from trained_checkpoint import SCAN_SHAPE, shifted_workdir, trained_workdir  # noqa: F401 (fixtures)
+from trained_checkpoint import SCAN_SHAPE
 from scoat_jax import followup
 from scoat_jax.data import ct_io, phantom
 

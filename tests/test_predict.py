@@ -14,8 +14,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from trained_checkpoint import (SCAN_SHAPE, save_checkpoint, shifted_workdir, test_scan,  # noqa: F401
-                                trained_workdir, write_rotated_nifti)
+from trained_checkpoint import SCAN_SHAPE, save_checkpoint, test_scan, write_rotated_nifti
 from scoat_jax import infer, input_pipeline, predict
 from scoat_jax.data import ct_io, phantom
 from scoat_jax.data.intensity import normalize

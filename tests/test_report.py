@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trained_checkpoint import save_checkpoint, trained_workdir  # noqa: F401
+from trained_checkpoint import save_checkpoint
 from scoat_jax import report
 
 # Shares the tiny trained checkpoint with the other inference tests (one worker).

@@ -1,11 +1,13 @@
 """A tiny SCOAT-Net trained for a few steps by the real loop, shared by the inference tests.
 
-Import the fixtures into a test module (`from trained_checkpoint import trained_workdir`)
-and mark the module `pytest.mark.xdist_group("tiny_training")`, so that under
+conftest.py registers this module as a pytest plugin, so its fixtures
+(`tiny_data_dir`, `trained_workdir`, `shifted_workdir`) reach every test module
+without an import. Mark a module that uses them
+`pytest.mark.xdist_group("tiny_training")`, so that under
 `pytest -n 2 --dist loadgroup` one worker trains it once for all of them.
-Training runs once per session whichever module asks first (a module-level
-cache, since pytest makes one fixture definition per importing module); with
-JAX's persistent compilation cache warm it takes ~40 s on a 2-core CPU.
+The fixtures are session-scoped: training runs once per worker process,
+whichever module asks first; with JAX's persistent compilation cache warm it
+takes ~40 s on a 2-core CPU.
 
 The model's quality does not matter for geometry and consistency tests, but
 after 4 steps it predicts no opacity at all. `shifted_workdir` therefore
@@ -28,7 +30,6 @@ from scoat_jax import checkpoints, infer, parallel, train
 from scoat_jax.configs import demo
 from scoat_jax.data import ct_io, phantom
 
-_CACHE: dict = {}
 WIDTHS = (4, 8, 16, 32, 64)
 IMAGE_SIZE = 32
 SCAN_SHAPE = (8, 40, 56)   # (z, y, x): small, non-square, letterboxed to 32 x 32
@@ -92,43 +93,37 @@ def save_checkpoint(workdir, variables: dict, config: dict, *, step: int = 1,
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> str:
   """ct_phantom/small built once per session (for every tiny training run)."""
-  if "tfds" not in _CACHE:
-    from scoat_jax.datasets import build
-    root = tmp_path_factory.mktemp("tfds")
-    build.build("ct_phantom/small", str(root))
-    _CACHE["tfds"] = str(root)
-  return _CACHE["tfds"]
+  from scoat_jax.datasets import build
+  root = tmp_path_factory.mktemp("tfds")
+  build.build("ct_phantom/small", str(root))
+  return str(root)
 
 
 @pytest.fixture(scope="session")
 def trained_workdir(tiny_data_dir, tmp_path_factory) -> pathlib.Path:
   """A workdir trained for 3 steps on ct_phantom/small (widths 4..64, 32 px, batch 4)."""
-  if "workdir" not in _CACHE:
-    root = tmp_path_factory.mktemp("trained")
-    with one_device():
-      train.train_and_evaluate(tiny_config(tiny_data_dir), str(root / "workdir"))
-    _CACHE["workdir"] = root / "workdir"
-  return _CACHE["workdir"]
+  workdir = tmp_path_factory.mktemp("trained") / "workdir"
+  with one_device():
+    train.train_and_evaluate(tiny_config(tiny_data_dir), str(workdir))
+  return workdir
 
 
 @pytest.fixture(scope="session")
 def shifted_workdir(trained_workdir, tmp_path_factory) -> pathlib.Path:
   """The trained model with head_4's bias lowered so ~1/3 of test_scan() is labelled."""
-  if "shifted" not in _CACHE:
-    model = infer.load_model(trained_workdir)
-    scan = test_scan()
-    _, prob = infer.Predictor([model]).predict_volume(scan.hu, with_probability=True)
-    p = np.clip(prob, 1e-6, 1 - 1e-6)
-    logit = np.quantile(np.log(p / (1 - p)), 2 / 3)
-    variables = {k: {**v} for k, v in model.variables.items()}
-    variables["params"] = dict(variables["params"])
-    head = dict(variables["params"]["head_4"])
-    head["bias"] = head["bias"] - np.float32(logit)
-    variables["params"]["head_4"] = head
-    root = tmp_path_factory.mktemp("shifted")
-    _CACHE["shifted"] = save_checkpoint(root / "workdir", variables, model.meta["config"],
-                                        step=int(model.step or 1))
-  return _CACHE["shifted"]
+  model = infer.load_model(trained_workdir)
+  scan = test_scan()
+  _, prob = infer.Predictor([model]).predict_volume(scan.hu, with_probability=True)
+  p = np.clip(prob, 1e-6, 1 - 1e-6)
+  logit = np.quantile(np.log(p / (1 - p)), 2 / 3)
+  variables = {k: {**v} for k, v in model.variables.items()}
+  variables["params"] = dict(variables["params"])
+  head = dict(variables["params"]["head_4"])
+  head["bias"] = head["bias"] - np.float32(logit)
+  variables["params"]["head_4"] = head
+  root = tmp_path_factory.mktemp("shifted")
+  return save_checkpoint(root / "workdir", variables, model.meta["config"],
+                         step=int(model.step or 1))
 
 
 def write_rotated_nifti(scan: phantom.PhantomScan, path) -> ct_io.Geometry:
