@@ -29,6 +29,15 @@ from trained_checkpoint import tiny_config as _tiny
 # Same tiny executables as the shared trained checkpoint (one worker).
 pytestmark = pytest.mark.xdist_group("tiny_training")
 
+
+def test_xdist_groups_the_tiny_training_modules(request):
+  """`pytest -n 2` (addopts: --dist loadgroup) sends this group to one worker."""
+  if getattr(request.config.option, "loadgroup", False):   # set in xdist workers
+    assert request.node.nodeid.endswith("@tiny_training"), (
+        "pytest-xdist's --dist loadgroup is not grouping tests (pytest 9 with xdist 3.8); "
+        "install the test extra's pytest (pyproject.toml: pytest<9)")
+
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
