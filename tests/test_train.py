@@ -34,8 +34,8 @@ def test_xdist_groups_the_tiny_training_modules(request):
   """`pytest -n 2` (addopts: --dist loadgroup) sends this group to one worker."""
   if getattr(request.config.option, "loadgroup", False):   # set in xdist workers
     assert request.node.nodeid.endswith("@tiny_training"), (
-        "pytest-xdist's --dist loadgroup is not grouping tests (pytest 9 with xdist 3.8); "
-        "install the test extra's pytest (pyproject.toml: pytest<9)")
+        "pytest-xdist's --dist loadgroup is not grouping tests (pytest 9.2 with xdist 3.8); "
+        "install the test extra's pytest (pyproject.toml: pytest<9.2)")
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
