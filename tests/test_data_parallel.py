@@ -14,10 +14,11 @@ themselves are compared in full (so an SGD step, p - lr * g, would agree on
 every parameter).
 
 The steps run in a fresh process (`data_parallel_worker.py`), not in the test
-worker: twice in CI (stops 8 and 10) the four-device step stalled in XLA's CPU
-all-reduce inside a pytest worker that had run other tests, with one of the
-four device threads never reaching the rendezvous (jaxlib 0.10.2, 2 cores);
-the second time the process hung for XLA's whole 30-minute limit. Standalone
+worker: twice in CI the four-device step, run inside a pytest worker that had
+run other tests, stalled in XLA's CPU all-reduce (jaxlib 0.10.2, 2 cores).
+The first time XLA aborted after its 40 s limit, saying only 3 of the 4 device
+threads had reached the rendezvous; the second time, with the limit raised to
+30 minutes, it aborted the same way and CI overran its 90 minutes. Standalone
 loops of the same step (300 steps; under CPU load; with fresh state each time)
 never stalled. In the worker XLA gives up after 120 s, and a run that ends
 that way (XLA's "Termination timeout" message, or no result within 10
