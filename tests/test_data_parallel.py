@@ -21,7 +21,7 @@ threads had reached the rendezvous; the second time, with the limit raised to
 30 minutes, it aborted the same way and CI overran its 90 minutes. Standalone
 loops of the same step (300 steps; under CPU load; with fresh state each time)
 never stalled. In the worker XLA gives up after 120 s, and a run that ends
-that way (XLA's "Termination timeout" message, or no result within 10
+that way (XLA's "Termination timeout" message, or no result within 20
 minutes) is retried once and reported; any other failure, and any numerical
 difference, fails at once.
 """
@@ -43,7 +43,7 @@ from scoat_jax.schedule import paper_schedule
 
 WORKER = pathlib.Path(__file__).with_name("data_parallel_worker.py")
 XLA_STALL = "Termination timeout"   # XLA's message when it aborts a stalled collective
-WORKER_TIMEOUT_S = 600
+WORKER_TIMEOUT_S = 1200   # a backstop: XLA itself aborts a stalled collective after 120 s
 
 
 def _config():
