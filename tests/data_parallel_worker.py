@@ -24,8 +24,7 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from scoat_jax import parallel  # noqa: E402
 
-os.environ["XLA_FLAGS"] = parallel.fake_cpu_devices_xla_flags(
-    4, collective_timeout_s=int(os.environ.get("SCOAT_JAX_COLLECTIVE_TIMEOUT", "120")))
+os.environ["XLA_FLAGS"] = parallel.fake_cpu_devices_xla_flags(4, collective_timeout_s=120)
 
 
 def main():

@@ -25,7 +25,6 @@ that way (XLA's "Termination timeout" message, or no result within 20
 minutes) is retried once and reported; any other failure, and any numerical
 difference, fails at once.
 """
-import functools
 import os
 import pathlib
 import pickle
@@ -140,7 +139,6 @@ def _run_worker(out: pathlib.Path) -> tuple[bool, str]:
   pytest.fail(f"data_parallel_worker.py exited {proc.returncode}:\n{log[-5000:]}")
 
 
-@functools.lru_cache(maxsize=None)
 def single_process_steps(tmp_dir: str) -> dict:
   """{4: step on four fake devices, 1: step on one device}, from a fresh process."""
   out = pathlib.Path(tmp_dir) / "steps.pkl"
