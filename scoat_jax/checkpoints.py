@@ -69,13 +69,11 @@ def check_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict
   path = workdir / "config.json"
   new = config_to_dict(config)
   if path.exists():
-    old = json.loads(path.read_text())
-    diff = sorted(k for k in set(_flatten(old)) | set(_flatten(new))
-                  if k not in RESUMABLE_FIELDS
-                  and _flatten(old).get(k) != _flatten(new).get(k))
+    old_flat, new_flat = _flatten(json.loads(path.read_text())), _flatten(new)
+    diff = sorted(k for k in set(old_flat) | set(new_flat)
+                  if k not in RESUMABLE_FIELDS and old_flat.get(k) != new_flat.get(k))
     if diff and not overwrite:
-      shown = ", ".join(f"{k}: {_flatten(old).get(k)!r} -> {_flatten(new).get(k)!r}"
-                        for k in diff[:4])
+      shown = ", ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in diff[:4])
       raise CheckpointError(
           f"{workdir} holds a run with another config ({shown}"
           f"{', ...' if len(diff) > 4 else ''}); choose a new --workdir, or pass "
