@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_classes = 1                   # 1: any opacity (sigmoid); 3: bg/GGO/consolidation.
   c.widths = (32, 64, 128, 256, 512)
   c.dtype = "float32"                 # or "bfloat16" (parameters stay float32).
-  c.fast_cpu_grad = True              # CPU only: conv weight gradients as per-tap matmuls.
+  c.fast_cpu_grad = True              # CPU only: fast conv weight gradients (native kernel or per-tap matmuls).
   c.deep_supervision = "mean"         # 'mean' over four heads | 'last' head | 'none' (one head).
   c.predict_average_heads = False     # (ours) inference uses the last head unless set.
 

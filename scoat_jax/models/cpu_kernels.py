@@ -1,0 +1,142 @@
+"""The native CPU kernel for convolution weight gradients, built on first use.
+
+`csrc/conv_weight_grad.cc` computes dL/dkernel of a stride-1 'same'
+convolution with AVX2 fused multiply-adds on all of XLA's intra-op threads
+(see that file). XLA's CPU backend runs the same long-contraction product on
+one thread: on a 2-core AVX2 machine the kernel is 3-6x faster for the
+32-64-channel rows of SCOAT-Net (BUILD.md has the table).
+
+The kernel is compiled with the system's C++ compiler the first time it is
+needed (a few seconds) into `~/.cache/scoat_jax/kernels/<source hash>/`
+($SCOAT_JAX_KERNEL_DIR overrides the folder) and registered with the XLA FFI.
+Where it cannot be built (no compiler, no AVX2) `available()` is False, one
+warning says why, and `scoat_jax.models.conv` keeps its pure-XLA path. Set
+SCOAT_JAX_NATIVE_KERNELS=0 to turn it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).parent / "csrc" / "conv_weight_grad.cc"
+TARGET = "scoat_conv_weight_grad"
+DEFAULT_DIR = "~/.cache/scoat_jax/kernels"
+# Above this many kernel elements (kh * kw * C_in * C_out) XLA's dot is as fast
+# or faster: each thread's private copy of dW then no longer stays in cache
+# (2x32x32x768 -> 256: 0.7x of XLA; 2x64x64x320 -> 64: 1.1x).
+MAX_KERNEL_ELEMENTS = 1 << 18
+
+
+class KernelBuildError(RuntimeError):
+  """The native kernel could not be compiled or loaded."""
+
+
+def _compile_flags() -> list[str]:
+  return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+          "-I" + jax.ffi.include_dir()]
+
+
+def _cpu_features() -> str:
+  """The CPU's feature flags: -march=native code must not run on another CPU."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line for line in f if line.startswith("flags")), "")
+  except OSError:
+    return platform.processor()
+
+
+def _library_path() -> Path:
+  compiler = os.environ.get("CXX", "c++")
+  key = hashlib.sha256()
+  key.update(SOURCE.read_bytes())
+  key.update(" ".join([compiler] + _compile_flags() + [jax.__version__]).encode())
+  key.update(_cpu_features().encode())  # home folders shared by hosts of several CPU types
+  root = Path(os.path.expanduser(os.environ.get("SCOAT_JAX_KERNEL_DIR", DEFAULT_DIR)))
+  return root / key.hexdigest()[:16] / "conv_weight_grad.so"
+
+
+def build() -> Path:
+  """Compiles the kernel if it is not in the cache; returns the library's path.
+
+  Raises:
+    KernelBuildError: not x86-64, no C++ compiler, or the compiler failed
+      (for instance a CPU without AVX2 under -march=native).
+  """
+  library = _library_path()
+  if library.exists():
+    return library
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    raise KernelBuildError(f"the kernel is written for x86-64 (AVX2), this is {platform.machine()}")
+  compiler = os.environ.get("CXX", "c++")
+  if shutil.which(compiler) is None:
+    raise KernelBuildError(f"no C++ compiler {compiler!r} on PATH (set CXX or install g++)")
+  library.parent.mkdir(parents=True, exist_ok=True)
+  # Compile to a private name and rename: concurrent first uses (test
+  # workers, hosts sharing a home folder) never load a half-written file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
+  os.close(fd)
+  try:
+    result = subprocess.run([compiler, *_compile_flags(), str(SOURCE), "-o", tmp],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+      first_error = next((line for line in result.stderr.splitlines() if "error" in line),
+                         result.stderr.strip()[-300:])
+      raise KernelBuildError(f"{compiler} failed on {SOURCE.name}: {first_error}")
+    os.replace(tmp, library)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """Builds and registers the kernel once; False (with one warning) if it cannot."""
+  if os.environ.get("SCOAT_JAX_NATIVE_KERNELS", "1") == "0":
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+  except (KernelBuildError, OSError) as e:
+    warnings.warn(f"scoat_jax: native CPU weight-gradient kernel unavailable ({e}); "
+                  "using the per-tap XLA gradient instead.", RuntimeWarning, stacklevel=2)
+    return False
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScoatConvWeightGrad),
+                              platform="cpu")
+  return True
+
+
+def supports(x_shape, kernel_shape, dtype) -> bool:
+  """Whether `conv_weight_grad` handles this convolution (else use XLA)."""
+  kh, kw, cin, cout = kernel_shape
+  return (jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4 and kh % 2 == 1
+          and kw % 2 == 1 and cout % 8 == 0 and kh * kw * cin * cout <= MAX_KERNEL_ELEMENTS)
+
+
+def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
+  """dL/dkernel of a stride-1 'same' NHWC x HWIO convolution, by the native kernel.
+
+  Call only where `available()` and `supports(...)` are True.
+
+  Args:
+    x: the convolution's input (B, H, W, C_in), float32.
+    g: the gradient of its output (B, H, W, C_out), float32, C_out % 8 == 0.
+    kernel_shape: (kh, kw, C_in, C_out), kh and kw odd.
+
+  Returns:
+    The kernel gradient, float32, shape `kernel_shape`.
+  """
+  kh, kw = kernel_shape[:2]
+  x_pad = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+  return jax.ffi.ffi_call(TARGET, out)(x_pad, g)

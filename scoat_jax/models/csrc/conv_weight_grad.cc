@@ -1,0 +1,221 @@
+// Weight gradient of a stride-1 'same' convolution for x86-64 CPUs with AVX2.
+//
+// dW[i, j, c, o] = sum over (b, h, w) of x_pad[b, h + i, w + j, c] * g[b, h, w, o]
+//
+// is a matrix product whose contraction runs over every pixel of the batch
+// (hundreds of thousands at 256x256) while the output is small (taps x C_in x
+// C_out). XLA's CPU backend runs such long-contraction products on one thread
+// at a fraction of the core's peak. Here the pixels are cut into chunks of
+// rows, one range of chunks per thread of XLA's intra-op pool; each range is
+// summed into its own copy of dW, and the copies are added at the end. Within a chunk an MR x 16 block of dW stays in AVX registers
+// while the pixels stream past: per pixel, two loads of g and MR broadcasts of
+// x feed 2 * MR fused multiply-adds. x_pad is read in place at each tap's
+// offset, so no shifted or im2col copy is made.
+//
+// Exposed to JAX through the XLA FFI as the handler symbol
+// `ScoatConvWeightGrad` (scoat_jax/models/cpu_kernels.py builds and registers
+// it). Operands: x_pad (B, H + KH - 1, W + KW - 1, C_in) and g (B, H, W, C_out),
+// float32, row-major; result dW (KH, KW, C_in, C_out). C_out must be a multiple
+// of 8.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxRowsPixels = 512;  // pixels per chunk (whole rows, at least one)
+
+struct Problem {
+  const float* x;  // (B, Hp, Wp, Ci)
+  const float* g;  // (B, H, W, Co)
+  int64_t batch, height, width, padded_height, padded_width, cin, cout, kh, kw;
+};
+
+// acc[m, 0:NR] += sum over w < width of x[w * cin + m] * g[w * cout + 0:NR], m < MR.
+// The accumulators are named variables, not an array: GCC stored an array of
+// them back to the stack after every pixel.
+template <int MR, int NR>
+inline void RowBlock(const float* x, int64_t cin, const float* g, int64_t cout, int64_t width,
+                     float* acc, int64_t acc_stride) {
+  static_assert(MR >= 1 && MR <= 6 && (NR == 8 || NR == 16), "block is MR x NR");
+  const __m256 zero = _mm256_setzero_ps();
+#define SCOAT_LOAD(m)                                                                     \
+  __m256 c##m##0 = MR > m ? _mm256_loadu_ps(acc + m * acc_stride) : zero;                 \
+  __m256 c##m##1 = MR > m && NR == 16 ? _mm256_loadu_ps(acc + m * acc_stride + 8) : zero;
+  SCOAT_LOAD(0) SCOAT_LOAD(1) SCOAT_LOAD(2) SCOAT_LOAD(3) SCOAT_LOAD(4) SCOAT_LOAD(5)
+#undef SCOAT_LOAD
+  for (int64_t w = 0; w < width; ++w) {
+    const float* xw = x + w * cin;
+    const __m256 g0 = _mm256_loadu_ps(g + w * cout);
+    const __m256 g1 = NR == 16 ? _mm256_loadu_ps(g + w * cout + 8) : g0;
+#define SCOAT_FMA(m)                                             \
+  if constexpr (MR > m) {                                        \
+    const __m256 b = _mm256_broadcast_ss(xw + m);                \
+    c##m##0 = _mm256_fmadd_ps(b, g0, c##m##0);                   \
+    if constexpr (NR == 16) c##m##1 = _mm256_fmadd_ps(b, g1, c##m##1); \
+  }
+    SCOAT_FMA(0) SCOAT_FMA(1) SCOAT_FMA(2) SCOAT_FMA(3) SCOAT_FMA(4) SCOAT_FMA(5)
+#undef SCOAT_FMA
+  }
+#define SCOAT_STORE(m)                                                          \
+  if constexpr (MR > m) {                                                       \
+    _mm256_storeu_ps(acc + m * acc_stride, c##m##0);                            \
+    if constexpr (NR == 16) _mm256_storeu_ps(acc + m * acc_stride + 8, c##m##1); \
+  }
+  SCOAT_STORE(0) SCOAT_STORE(1) SCOAT_STORE(2) SCOAT_STORE(3) SCOAT_STORE(4) SCOAT_STORE(5)
+#undef SCOAT_STORE
+}
+
+template <int MR, int NR>
+void Block(const float* x, int64_t x_row_stride, int64_t cin, const float* g,
+           int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
+           int64_t acc_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    RowBlock<MR, NR>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, acc,
+                     acc_stride);
+  }
+}
+
+template <int NR>
+void BlockAnyRows(int mr, const float* x, int64_t x_row_stride, int64_t cin, const float* g,
+                  int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
+                  int64_t acc_stride) {
+#define SCOAT_BLOCK(M) \
+  Block<M, NR>(x, x_row_stride, cin, g, g_row_stride, cout, rows, width, acc, acc_stride)
+  switch (mr) {
+    case 6: SCOAT_BLOCK(6); break;
+    case 5: SCOAT_BLOCK(5); break;
+    case 4: SCOAT_BLOCK(4); break;
+    case 3: SCOAT_BLOCK(3); break;
+    case 2: SCOAT_BLOCK(2); break;
+    default: SCOAT_BLOCK(1); break;
+  }
+#undef SCOAT_BLOCK
+}
+
+constexpr int kMR = 6;  // 6 x 16 accumulators: 12 of the 16 AVX registers
+
+// Adds chunk `rows` [h0, h1) of image b to acc (KH, KW, Ci, Co).
+void AccumulateChunk(const Problem& p, int64_t b, int64_t h0, int64_t h1, float* acc) {
+  const int64_t rows = h1 - h0;
+  const int64_t x_row_stride = p.padded_width * p.cin;
+  const int64_t g_row_stride = p.width * p.cout;
+  const float* g = p.g + (b * p.height + h0) * g_row_stride;
+  for (int64_t i = 0; i < p.kh; ++i) {
+    for (int64_t j = 0; j < p.kw; ++j) {
+      const float* x_tap = p.x + ((b * p.padded_height + h0 + i) * p.padded_width + j) * p.cin;
+      float* acc_tap = acc + (i * p.kw + j) * p.cin * p.cout;
+      for (int64_t c = 0; c < p.cin; c += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, p.cin - c));
+        int64_t o = 0;
+        for (; o + 16 <= p.cout; o += 16) {
+          BlockAnyRows<16>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
+                           rows, p.width, acc_tap + c * p.cout + o, p.cout);
+        }
+        if (o < p.cout) {  // cout % 16 == 8
+          BlockAnyRows<8>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
+                          rows, p.width, acc_tap + c * p.cout + o, p.cout);
+        }
+      }
+    }
+  }
+}
+
+// Work shared by the calling thread and the pool's tasks, owned jointly: a
+// task the pool starts after the call has returned finds nothing left to do.
+// The chunks are split into one fixed range per slot and the slots' sums are
+// added in slot order, so the result does not depend on which thread ran
+// which slot: the gradient is the same on every run.
+struct Shared {
+  Problem problem;
+  int64_t rows_per_chunk, chunks_per_image, num_chunks, num_slots, acc_size;
+  std::atomic<int64_t> next_slot{0};
+  std::vector<std::unique_ptr<float[]>> slots;
+  std::mutex mutex;
+  std::condition_variable all_done;
+  int64_t done = 0;  // slots finished; guarded by mutex
+};
+
+void Work(const std::shared_ptr<Shared>& s) {
+  for (int64_t slot = s->next_slot.fetch_add(1); slot < s->num_slots;
+       slot = s->next_slot.fetch_add(1)) {
+    float* acc = new float[s->acc_size]();
+    s->slots[slot].reset(acc);
+    const int64_t first = slot * s->num_chunks / s->num_slots;
+    const int64_t last = (slot + 1) * s->num_chunks / s->num_slots;
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      const int64_t b = chunk / s->chunks_per_image;
+      const int64_t h0 = (chunk % s->chunks_per_image) * s->rows_per_chunk;
+      const int64_t h1 = std::min(s->problem.height, h0 + s->rows_per_chunk);
+      AccumulateChunk(s->problem, b, h0, h1, acc);
+    }
+    std::lock_guard<std::mutex> lock(s->mutex);
+    if (++s->done == s->num_slots) s->all_done.notify_all();
+  }
+}
+
+ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_pad,
+                      ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
+  const auto xd = x_pad.dimensions();
+  const auto gd = g.dimensions();
+  const auto wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4) {
+    return ffi::Error::InvalidArgument("conv weight gradient: operands must have rank 4");
+  }
+  Problem p{x_pad.typed_data(), g.typed_data(), gd[0], gd[1], gd[2], xd[1], xd[2], xd[3],
+            gd[3], wd[0], wd[1]};
+  if (xd[0] != p.batch || p.padded_height != p.height + p.kh - 1 ||
+      p.padded_width != p.width + p.kw - 1 || wd[2] != p.cin || wd[3] != p.cout) {
+    return ffi::Error::InvalidArgument("conv weight gradient: inconsistent operand shapes");
+  }
+  if (p.cout % 8 != 0) {
+    return ffi::Error::InvalidArgument("conv weight gradient: C_out must be a multiple of 8");
+  }
+  float* out = dw->typed_data();
+  const int64_t acc_size = p.kh * p.kw * p.cin * p.cout;
+  if (p.batch == 0 || p.height == 0 || p.width == 0) {
+    std::fill(out, out + acc_size, 0.0f);
+    return ffi::Error::Success();
+  }
+
+  auto s = std::make_shared<Shared>();
+  s->problem = p;
+  s->rows_per_chunk = std::max<int64_t>(1, kMaxRowsPixels / p.width);
+  s->chunks_per_image = (p.height + s->rows_per_chunk - 1) / s->rows_per_chunk;
+  s->num_chunks = p.batch * s->chunks_per_image;
+  s->acc_size = acc_size;
+  s->num_slots = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), s->num_chunks);
+  s->slots.resize(s->num_slots);
+  for (int64_t t = 1; t < s->num_slots; ++t) pool.Schedule([s] { Work(s); });
+  Work(s);  // the caller works too, so the call finishes even if no task ever runs
+  {
+    std::unique_lock<std::mutex> lock(s->mutex);
+    s->all_done.wait(lock, [&] { return s->done == s->num_slots; });
+  }
+  std::memcpy(out, s->slots[0].get(), acc_size * sizeof(float));
+  for (int64_t k = 1; k < s->num_slots; ++k) {
+    const float* src = s->slots[k].get();
+    for (int64_t e = 0; e < acc_size; ++e) out[e] += src[e];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ScoatConvWeightGrad, WeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
