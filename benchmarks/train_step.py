@@ -3,6 +3,7 @@
   python benchmarks/train_step.py --size=128,256,512 --batch=2 --fast_cpu_grad=on,off
   python benchmarks/train_step.py --size=512 --batch=8,16,32 --dtype=float32,bfloat16 --json
   python benchmarks/train_step.py --devices=4 --size=64 --widths=8,16,32,64,128
+  SCOAT_JAX_NATIVE_KERNELS=0 python benchmarks/train_step.py ...   # per-tap XLA gradient only
 
 The step is `scoat_jax.train.train_step` under the same jit, shardings and
 donation as training (state replicated, batch sharded over `--devices`), with
@@ -36,6 +37,7 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str, fast: bool) -> d
   import jax
   from scoat_jax import parallel, train
   from scoat_jax.configs import default
+  from scoat_jax.models import cpu_kernels
   from scoat_jax.schedule import paper_schedule
 
   config = default.get_config()
@@ -49,9 +51,9 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str, fast: bool) -> d
   step = train.make_train_step(config, mesh)
   data = jax.device_put(random_batch(batch, size), parallel.data_sharding(mesh))
   step_args = (state, data, jax.random.key(1))
-  # XLA counts a loop body once, so the per-tap weight gradient (a lax.map)
-  # would hide most of its FLOPs: count the model's arithmetic on the native
-  # convolution instead (same maths, same FLOPs).
+  # XLA counts a loop body once and a custom call not at all, so the fast
+  # weight gradients would hide most of their FLOPs: count the model's
+  # arithmetic on the native convolution instead (same maths, same FLOPs).
   config.fast_cpu_grad = False
   native_state = state.replace(apply_fn=train.create_model(config).apply)
   native = train.make_train_step(config, mesh).lower(native_state, *step_args[1:])
@@ -60,6 +62,10 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str, fast: bool) -> d
                                    carry=lambda out, a: (out[0],) + a[1:], flops=flops)
   return common.summarize({"benchmark": "train_step", "model": args.model, "size": size,
                            "batch": batch, "dtype": dtype, "fast_cpu_grad": fast,
+                           # Whether the fast gradient could use the native CPU kernel.
+                           "native_cpu_kernel": bool(
+                               fast and jax.default_backend() == "cpu" and jax.device_count() == 1
+                               and cpu_kernels.available()),
                            "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
 
 

@@ -27,7 +27,7 @@ def weight_grad_by_definition(x, g, kh, kw):
 
 def kernel_grad(x, g, kernel_shape):
   assert cpu_kernels.available()
-  assert cpu_kernels.supports(x.shape, kernel_shape, x.dtype)
+  assert cpu_kernels.supports(kernel_shape, x.dtype)
   return np.asarray(cpu_kernels.conv_weight_grad(jnp.asarray(x), jnp.asarray(g), kernel_shape))
 
 
@@ -56,14 +56,15 @@ def test_matches_definition(batch, height, width, cin, cout, k):
 
 
 def test_every_scoat_net_convolution_matches_xla():
-  # Every convolution of the paper-width SCOAT-Net that the kernel takes, at
-  # 8x8 pixels (the kernel's loops depend on the channels, not on the size).
+  # Every convolution of the paper-width SCOAT-Net that the kernel can compute
+  # (also those where XLA is faster and used), at 8x8 pixels: the kernel's
+  # loops depend on the channels, not on the size.
   model = get_model("scoat_net", deep_supervision=True)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1))))
   shapes = {tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
             if path[-1].key == "kernel" and leaf.ndim == 4}
-  taken = sorted(s for s in shapes if cpu_kernels.supports((2, 8, 8, s[2]), s, jnp.float32))
-  assert len(taken) >= 20, taken  # most of the net's ~30 shapes
+  taken = sorted(s for s in shapes if cpu_kernels.supports(s, jnp.float32))
+  assert len(taken) >= 20, taken  # all but the one-channel attention and head convs
   rng = np.random.default_rng(0)
   for shape in taken:
     kh, kw, cin, cout = shape
@@ -78,11 +79,17 @@ def test_every_scoat_net_convolution_matches_xla():
 
 
 def test_supports():
-  assert cpu_kernels.supports((2, 64, 64, 32), (3, 3, 32, 32), jnp.float32)
-  assert not cpu_kernels.supports((2, 64, 64, 32), (3, 3, 32, 32), jnp.bfloat16)
-  assert not cpu_kernels.supports((2, 64, 64, 32), (3, 3, 32, 1), jnp.float32)  # C_out % 8
-  assert not cpu_kernels.supports((2, 16, 16, 768), (3, 3, 768, 256), jnp.float32)  # too big
-  assert not cpu_kernels.supports((2, 64, 64, 32), (2, 2, 32, 32), jnp.float32)  # even
+  assert cpu_kernels.supports((3, 3, 32, 32), jnp.float32)
+  assert not cpu_kernels.supports((3, 3, 32, 32), jnp.bfloat16)
+  assert not cpu_kernels.supports((3, 3, 32, 1), jnp.float32)  # C_out % 8
+  assert not cpu_kernels.supports((2, 2, 32, 32), jnp.float32)  # even
+
+
+def test_used_only_where_it_was_faster():
+  assert cpu_kernels.faster_than_xla((2, 256, 256, 32), (3, 3, 32, 32))
+  assert cpu_kernels.faster_than_xla((2, 512, 512, 1), (3, 3, 1, 32))
+  assert not cpu_kernels.faster_than_xla((2, 32, 32, 768), (3, 3, 768, 256))  # dW too big
+  assert not cpu_kernels.faster_than_xla((2, 128, 128, 8), (3, 3, 8, 8))  # the demo's row 0
 
 
 def test_multi_device_runs_keep_the_xla_gradient():

@@ -110,13 +110,14 @@ def weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
 def weight_grad_cpu(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
   """dL/dkernel of `conv2d_native` by the fastest CPU method that applies.
 
-  The native kernel needs float32, C_out % 8 == 0, a kernel small enough to
-  keep per-thread copies in cache, and one device: under a multi-device jit
-  XLA's partitioner would gather a custom call's sharded operands onto every
-  device, so data-parallel CPU runs (fake test devices) keep the XLA dots.
+  The native kernel needs float32 and C_out % 8 == 0, is used only at sizes
+  where it made the train step faster (`cpu_kernels.faster_than_xla`), and
+  only on one device: under a multi-device jit XLA's partitioner would gather
+  a custom call's sharded operands onto every device, so data-parallel CPU
+  runs (fake test devices) keep the XLA dots.
   """
-  if (jax.device_count() == 1 and cpu_kernels.supports(x.shape, kernel_shape, x.dtype)
-      and cpu_kernels.available()):
+  if (jax.device_count() == 1 and cpu_kernels.supports(kernel_shape, x.dtype)
+      and cpu_kernels.faster_than_xla(x.shape, kernel_shape) and cpu_kernels.available()):
     return cpu_kernels.conv_weight_grad(x, g, kernel_shape)
   return weight_grad_by_taps(x, g, kernel_shape)
 

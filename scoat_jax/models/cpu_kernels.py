@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -32,10 +33,19 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).parent / "csrc" / "conv_weight_grad.cc"
 TARGET = "scoat_conv_weight_grad"
 DEFAULT_DIR = "~/.cache/scoat_jax/kernels"
-# Above this many kernel elements (kh * kw * C_in * C_out) XLA's dot is as fast
-# or faster: each thread's private copy of dW then no longer stays in cache
-# (2x32x32x768 -> 256: 0.7x of XLA; 2x64x64x320 -> 64: 1.1x).
+# The kernel is used only where it beat XLA's per-tap dots in the whole train
+# step on the 2-core machine (BUILD.md). Above this many kernel elements
+# (kh * kw * C_in * C_out) each thread's private copy of dW leaves the cache and
+# XLA's dot is as fast or faster (3x3 768 -> 256 at 32x32 px: 0.10 s against
+# 0.08 s; 3x3 320 -> 64 at 64x64: 1.1x faster).
 MAX_KERNEL_ELEMENTS = 1 << 18
+# Below this many multiply-adds (pixels x kernel elements) the kernel wins
+# alone but not in the step: there XLA already runs small independent
+# gradients side by side on its threads, which the kernel then takes over
+# (the demo's quarter-width net, all below 2^27: 0.37-0.39 s per step with the
+# kernel against 0.35-0.37 s without; paper widths at 128 px, mostly above: 14%
+# faster with it).
+MIN_MULTIPLY_ADDS = 1 << 27
 
 
 class KernelBuildError(RuntimeError):
@@ -116,11 +126,17 @@ def available() -> bool:
   return True
 
 
-def supports(x_shape, kernel_shape, dtype) -> bool:
-  """Whether `conv_weight_grad` handles this convolution (else use XLA)."""
-  kh, kw, cin, cout = kernel_shape
-  return (jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4 and kh % 2 == 1
-          and kw % 2 == 1 and cout % 8 == 0 and kh * kw * cin * cout <= MAX_KERNEL_ELEMENTS)
+def supports(kernel_shape, dtype) -> bool:
+  """Whether `conv_weight_grad` can compute this gradient at all."""
+  kh, kw, _, cout = kernel_shape
+  return jnp.dtype(dtype) == jnp.float32 and kh % 2 == 1 and kw % 2 == 1 and cout % 8 == 0
+
+
+def faster_than_xla(x_shape, kernel_shape) -> bool:
+  """Whether the kernel beat the per-tap XLA dots for this size (see above)."""
+  elements = math.prod(kernel_shape)
+  return (elements <= MAX_KERNEL_ELEMENTS
+          and math.prod(x_shape[:-1]) * elements >= MIN_MULTIPLY_ADDS)
 
 
 def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
