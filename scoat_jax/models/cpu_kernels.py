@@ -34,11 +34,12 @@ SOURCE = Path(__file__).parent / "csrc" / "conv_weight_grad.cc"
 TARGET = "scoat_conv_weight_grad"
 DEFAULT_DIR = "~/.cache/scoat_jax/kernels"
 # The kernel is used only where it beat XLA's per-tap dots in the whole train
-# step on the 2-core machine (BUILD.md). Above this many kernel elements
-# (kh * kw * C_in * C_out) each thread's private copy of dW leaves the cache and
-# XLA's dot is as fast or faster (3x3 768 -> 256 at 32x32 px: 0.10 s against
-# 0.08 s; 3x3 320 -> 64 at 64x64: 1.1x faster).
-MAX_KERNEL_ELEMENTS = 1 << 18
+# step on the 2-core machine (BUILD.md; `benchmarks/conv_weight_grad.py`).
+# Above this many kernel elements (kh * kw * C_in * C_out) each thread's private
+# copy of dW leaves the fast caches and XLA's dot is as fast or faster (3x3
+# 128 -> 128 at 64x64 px: 0.9x; 768 -> 256 at 32x32: 0.7x; 192 -> 64 at 128x128,
+# 110,592 elements: 1.7x faster).
+MAX_KERNEL_ELEMENTS = 1 << 17
 # Below this many multiply-adds (pixels x kernel elements) the kernel wins
 # alone but not in the step: there XLA already runs small independent
 # gradients side by side on its threads, which the kernel then takes over
