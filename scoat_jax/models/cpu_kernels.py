@@ -44,8 +44,8 @@ MAX_KERNEL_ELEMENTS = 1 << 17
 # alone but not in the step: there XLA already runs small independent
 # gradients side by side on its threads, which the kernel then takes over
 # (the demo's quarter-width net, all below 2^27: 0.37-0.39 s per step with the
-# kernel against 0.35-0.37 s without; paper widths at 128 px, mostly above: 14%
-# faster with it).
+# kernel against 0.35-0.37 s without; paper widths at 128 px, mostly above:
+# 5-14% faster with it, in two runs).
 MIN_MULTIPLY_ADDS = 1 << 27
 
 
