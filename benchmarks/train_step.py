@@ -62,8 +62,10 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str, fast: bool) -> d
                                    carry=lambda out, a: (out[0],) + a[1:], flops=flops)
   return common.summarize({"benchmark": "train_step", "model": args.model, "size": size,
                            "batch": batch, "dtype": dtype, "fast_cpu_grad": fast,
-                           # Whether the fast gradient could use the native CPU kernel.
-                           "native_cpu_kernel": bool(
+                           # Whether the native CPU kernel was built and usable here;
+                           # which convolutions take it depends on their sizes
+                           # (`cpu_kernels.faster_than_xla`).
+                           "native_cpu_kernel_available": bool(
                                fast and jax.default_backend() == "cpu" and jax.device_count() == 1
                                and cpu_kernels.available()),
                            "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
