@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import statistics
+import sys
 
-import numpy as np
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import common  # noqa: E402  (the benchmarks folder is not a package)
 
 # (kernel, C_in, C_out, image side / size): the body, shortcut and attention
 # convolutions of each SCOAT-Net row at paper widths, plus the first conv.
@@ -26,17 +28,6 @@ SHAPES = [
     (3, 64, 64, 2), (3, 192, 64, 2), (1, 192, 64, 2), (3, 128, 128, 4), (3, 384, 128, 4),
     (3, 256, 256, 8), (3, 768, 256, 8), (3, 512, 512, 16),
 ]
-
-
-def median_time(fn, *args, repeats: int) -> float:
-  import jax
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main(argv=None) -> int:
@@ -74,10 +65,11 @@ def main(argv=None) -> int:
     ref = methods["stock"](x, g)
     row = {"kernel": k, "cin": cin, "cout": cout, "side": side, "batch": args.batch,
            "gflop": 2 * args.batch * side * side * k * k * cin * cout / 1e9,
-           "used": "native" if "native" in methods and cpu_kernels.faster_than_xla(
-               x.shape, shape) else "taps"}
+           "used": "native" if conv.uses_native_kernel(x.shape, shape, x.dtype) else "taps"}
     for name, fn in methods.items():
-      row[f"{name}_s"] = median_time(fn, x, g, repeats=args.repeats)
+      timing = common.compile_and_time(fn, (x, g), warmup=1, repeats=args.repeats,
+                                       flops=row["gflop"] * 1e9)
+      row[f"{name}_s"] = statistics.median(timing["step_s"])
       row[f"{name}_rel_err"] = float(jnp.linalg.norm(fn(x, g) - ref) / jnp.linalg.norm(ref))
     rows.append(row)
 

@@ -65,9 +65,7 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str, fast: bool) -> d
                            # Whether the native CPU kernel was built and usable here;
                            # which convolutions take it depends on their sizes
                            # (`cpu_kernels.faster_than_xla`).
-                           "native_cpu_kernel_available": bool(
-                               fast and jax.default_backend() == "cpu" and jax.device_count() == 1
-                               and cpu_kernels.available()),
+                           "native_cpu_kernel_available": fast and cpu_kernels.usable(),
                            "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
 
 

@@ -107,17 +107,21 @@ def weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
   return d_kernel.reshape(kernel_shape).astype(out_dtype)
 
 
-def weight_grad_cpu(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
-  """dL/dkernel of `conv2d_native` by the fastest CPU method that applies.
+def uses_native_kernel(x_shape, kernel_shape, dtype) -> bool:
+  """Whether `weight_grad_cpu` takes the native kernel for this convolution.
 
-  The native kernel needs float32 and C_out % 8 == 0, is used only at sizes
-  where it made the train step faster (`cpu_kernels.faster_than_xla`), and
-  only on one device: under a multi-device jit XLA's partitioner would gather
-  a custom call's sharded operands onto every device, so data-parallel CPU
-  runs (fake test devices) keep the XLA dots.
+  The kernel needs float32 and C_out % 8 == 0, is used only at sizes where it
+  made the train step faster (`cpu_kernels.faster_than_xla`), and only on a
+  single CPU device (`cpu_kernels.usable`). The size checks come first, so a
+  model whose convolutions never qualify never builds it.
   """
-  if (jax.device_count() == 1 and cpu_kernels.supports(kernel_shape, x.dtype)
-      and cpu_kernels.faster_than_xla(x.shape, kernel_shape) and cpu_kernels.available()):
+  return (cpu_kernels.supports(kernel_shape, dtype)
+          and cpu_kernels.faster_than_xla(x_shape, kernel_shape) and cpu_kernels.usable())
+
+
+def weight_grad_cpu(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
+  """dL/dkernel of `conv2d_native` by the fastest CPU method that applies."""
+  if uses_native_kernel(x.shape, kernel_shape, x.dtype):
     return cpu_kernels.conv_weight_grad(x, g, kernel_shape)
   return weight_grad_by_taps(x, g, kernel_shape)
 

@@ -67,8 +67,12 @@ def _cpu_features() -> str:
     return platform.processor()
 
 
+def _compiler() -> str:
+  return os.environ.get("CXX", "c++")
+
+
 def _library_path() -> Path:
-  compiler = os.environ.get("CXX", "c++")
+  compiler = _compiler()
   key = hashlib.sha256()
   key.update(SOURCE.read_bytes())
   key.update(" ".join([compiler] + _compile_flags() + [jax.__version__]).encode())
@@ -89,7 +93,7 @@ def build() -> Path:
     return library
   if platform.machine().lower() not in ("x86_64", "amd64"):
     raise KernelBuildError(f"the kernel is written for x86-64 (AVX2), this is {platform.machine()}")
-  compiler = os.environ.get("CXX", "c++")
+  compiler = _compiler()
   if shutil.which(compiler) is None:
     raise KernelBuildError(f"no C++ compiler {compiler!r} on PATH (set CXX or install g++)")
   library.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,16 @@ def available() -> bool:
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScoatConvWeightGrad),
                               platform="cpu")
   return True
+
+
+def usable() -> bool:
+  """Built, and this process computes on a single CPU device.
+
+  Under a multi-device jit XLA's partitioner would gather a custom call's
+  sharded operands onto every device, so data-parallel CPU runs (fake test
+  devices, several hosts) keep the XLA dots.
+  """
+  return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
 
 
 def supports(kernel_shape, dtype) -> bool:
