@@ -34,7 +34,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--compilation_cache_dir", default="~/.cache/scoat_jax/jax_cache",
                  help='persistent compilation cache ("" turns it off)')
-  p.add_argument("--json", action="store_true", help="print one JSON line per run, last")
+  p.add_argument("--json", action="store_true", help="print one JSON line per run to stdout as it finishes (the table goes to stderr)")
 
 
 def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -142,7 +142,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def report(rows: list[dict], *, as_json: bool, title: str) -> None:
-  """Prints a Markdown table (stderr when --json) and, with --json, one JSON line per row."""
+  """Prints a Markdown table (to stderr when --json: stdout then holds only JSON lines)."""
   out = sys.stderr if as_json else sys.stdout
   print(f"\n{title}", file=out)
   print("| size | batch | dtype | fast CPU grad | compile (s) | step median (s) | min | max "
@@ -157,9 +157,6 @@ def report(rows: list[dict], *, as_json: bool, title: str) -> None:
           f"| {_fmt(rate, '.1f')} | {r['peak_rss_gib']:.2f} | {_fmt(r['peak_device_gib'], '.2f')} |",
           file=out)
   out.flush()
-  if as_json:
-    for r in rows:
-      print(json.dumps(r))
 
 
 def run_grid(bench_one: Callable[..., dict], mesh, grid: dict[str, list], *, as_json: bool,
@@ -178,6 +175,8 @@ def run_grid(bench_one: Callable[..., dict], mesh, grid: dict[str, list], *, as_
     point = dict(zip(grid, values))
     r = bench_one(mesh=mesh, **point)
     rows.append(r)
+    if as_json:  # As each point finishes, so a run cut off by a time limit keeps its rows.
+      print(json.dumps(r), flush=True)
     print(" ".join(f"{k}={v}" for k, v in point.items()) +
           f": {r['step_s_median']:.3f} s/call, {r['slices_per_s']:.2f} slices/s "
           f"(compile {r['compile_s']:.1f} s)", file=sys.stderr, flush=True)

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The GPU check, prepared for one call of the `device` tool (an H100; its time limits add
-# up to 6 minutes):
+# The GPU check, prepared for one call of the `device` tool (an H100 or H200; its time
+# limits add up to 8 minutes), most wanted figures first:
 #
-#   1. the GPU-relevant tests (model, conv, losses, data parallel, train loop);
-#   2. the train-step benchmark at 512x512, float32 and bfloat16, batch 8/16/32;
-#   3. the forward-only benchmark at 512x512 (batch 32), float32 and bfloat16;
-#   4. `python -m scoat_jax.predict` on a 300-slice 512x512 phantom scan, timed.
+#   1. the train-step benchmark at 512x512, float32 and bfloat16, batch 8/16/32;
+#   2. the forward-only benchmark at 512x512 (batch 32), float32 and bfloat16;
+#   3. `python -m scoat_jax.predict` on a 300-slice 512x512 phantom scan, timed;
+#   4. the GPU-relevant tests (model, conv, losses, data parallel, train loop).
 #
-# Everything lands in $OUT (JSON lines and logs); a step that fails or runs
-# out of its time slot is recorded in $OUT/summary.txt and the next one runs.
+# The tool brings back at most 8 files from $OUT, so $OUT holds summary.txt, the two
+# benchmarks' JSON lines (*.jsonl) and logs.tgz (every log, refreshed after each
+# step, so a call cut off by its limit still returns what finished). A step that
+# fails or runs out of its time slot is recorded in summary.txt and the next one runs.
 #
 # On the device machine (its image has jax, flax, optax, orbax, absl, scipy,
 # matplotlib; carry the rest as wheels, see BUILD.md "GPU check"):
-#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=420)
+#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=560)
 # Tried end to end on a CPU with tiny sizes:
 #   OUT=/tmp/check SCOAT_CHECK_TINY=1 SCOAT_CHECK_TIME_SCALE=4 bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/scoat_device_check}
+WORK=$(mktemp -d /tmp/scoat_check.XXXXXX)   # logs and the scan; only a digest goes to $OUT
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -32,29 +35,30 @@ else
   SIZE=512; BATCHES=8,16,32; WIDTHS=32,64,128,256,512; SCAN=300,512,512; PBATCH=32
 fi
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+bundle() { tar czf "$OUT/logs.tgz" -C "$WORK" --exclude=vol . 2>/dev/null; }
 SCALE=${SCOAT_CHECK_TIME_SCALE:-1}   # multiplies every time limit (a CPU trial needs ~4)
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, record the outcome
   local name=$1 limit=$(( $2 * SCALE )); shift 2
   local t0=$(date +%s)
-  timeout "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.log"
+  timeout "$limit" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log"
   summary "$name: exit $? in $(( $(date +%s) - t0 )) s (limit $limit s)"
+  bundle
 }
 
 : >"$OUT/summary.txt"
-nvidia-smi >"$OUT/nvidia_smi.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/nvidia_smi.txt"
+nvidia-smi >"$WORK/nvidia_smi.txt" 2>&1 || echo "no nvidia-smi" >"$WORK/nvidia_smi.txt"
 summary "jax: $($PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tail -1)"
 
-# conftest.py defaults JAX_PLATFORMS to cpu; empty means "best available" (the GPU).
-step tests 60 env JAX_PLATFORMS= $PY -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_conv.py \
-    tests/test_losses.py tests/test_schedule.py tests/test_data_parallel.py
-step train_step 120 $PY benchmarks/train_step.py --size=$SIZE --batch=$BATCHES \
+step train_step 240 $PY benchmarks/train_step.py --size=$SIZE --batch=$BATCHES \
     --widths=$WIDTHS --dtype=float32,bfloat16 --repeats=5 --json
-step predict_bench 40 $PY benchmarks/predict.py --size=$SIZE --batch=$PBATCH \
+cp "$WORK/train_step.out" "$OUT/train_step.jsonl"
+step predict_bench 50 $PY benchmarks/predict.py --size=$SIZE --batch=$PBATCH \
     --widths=$WIDTHS --dtype=float32,bfloat16 --repeats=5 --json
+cp "$WORK/predict_bench.out" "$OUT/predict_bench.jsonl"
 
 # A whole scan through the CLI: an untrained full-size checkpoint (speed does
 # not depend on the weights) and a phantom scan written as NIfTI.
-step volume_setup 60 $PY - "$OUT/vol" "$SCAN" "$WIDTHS" "$SIZE" <<'EOF'
+step volume_setup 60 $PY - "$WORK/vol" "$SCAN" "$WIDTHS" "$SIZE" <<'EOF'
 import json, pathlib, sys, time, types
 import jax, jax.numpy as jnp, numpy as np
 from scoat_jax import checkpoints, train
@@ -84,11 +88,19 @@ print(json.dumps({"scan": str(paths["image"]), "shape": shape, "generate_s": tim
 EOF
 TIME_V=(); [ -x /usr/bin/time ] && TIME_V=(/usr/bin/time -v)   # peak RSS, where installed
 SCAN_FILE=$($PY -c 'import json, sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["scan"])' \
-    "$OUT/volume_setup.out" 2>/dev/null)
-for dtype in float32 bfloat16; do
-  step "predict_volume_$dtype" 40 "${TIME_V[@]}" $PY -m scoat_jax.predict \
-      --checkpoint="$OUT/vol/ckpt_$dtype" --input="$SCAN_FILE" \
-      --output="$OUT/vol/out_$dtype" --batch_size=$PBATCH
+    "$WORK/volume_setup.out" 2>/dev/null)
+for dtype in bfloat16 float32; do
+  step "predict_volume_$dtype" 45 "${TIME_V[@]}" $PY -m scoat_jax.predict \
+      --checkpoint="$WORK/vol/ckpt_$dtype" --input="$SCAN_FILE" \
+      --output="$WORK/vol/out_$dtype" --batch_size=$PBATCH
+  # The report (per-stage seconds, volumes) is small; the masks stay behind.
+  find "$WORK/vol/out_$dtype" -name '*.json' -exec cp {} "$WORK/report_$dtype.json" \; 2>/dev/null
 done
-rm -rf "$OUT/vol"   # large; only the logs come back
+bundle
+rm -rf "$WORK/vol"
+
+# conftest.py defaults JAX_PLATFORMS to cpu; empty means "best available" (the GPU).
+step tests 60 env JAX_PLATFORMS= $PY -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_conv.py \
+    tests/test_losses.py tests/test_schedule.py tests/test_data_parallel.py
+rm -rf "$WORK"
 summary "done"
