@@ -78,10 +78,14 @@ def peak_device_gib(mesh) -> float | None:
   return stats["peak_bytes_in_use"] / 2**30
 
 
-def lowered_flops(lowered) -> float | None:
-  """XLA's FLOP estimate for a lowered (not yet compiled) computation, or None."""
+def xla_flops(stage) -> float | None:
+  """XLA's FLOP estimate for a lowered or compiled computation, or None.
+
+  On the CPU backend a lowered computation has one; on the GPU (JAX 0.11,
+  H200) only a compiled one does.
+  """
   try:
-    cost = lowered.cost_analysis()
+    cost = stage.cost_analysis()
   except Exception:  # Some backends give no cost analysis; FLOPs are then unknown.
     return None
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -111,7 +115,7 @@ def compile_and_time(jitted: Callable, args_: tuple, *, warmup: int, repeats: in
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   if flops is None:
-    flops = lowered_flops(lowered)
+    flops = xla_flops(lowered) or xla_flops(compiled)
   times = []
   for i in range(warmup + repeats):
     t = time.perf_counter()

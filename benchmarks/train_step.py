@@ -57,7 +57,7 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str, fast: bool) -> d
   config.fast_cpu_grad = False
   native_state = state.replace(apply_fn=train.create_model(config).apply)
   native = train.make_train_step(config, mesh).lower(native_state, *step_args[1:])
-  flops = common.lowered_flops(native)
+  flops = common.xla_flops(native)  # None on GPU: then the compiled step's (the same convs)
   timing = common.compile_and_time(step, step_args, warmup=args.warmup, repeats=args.repeats,
                                    carry=lambda out, a: (out[0],) + a[1:], flops=flops)
   return common.summarize({"benchmark": "train_step", "model": args.model, "size": size,
