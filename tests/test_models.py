@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from scoat_jax import train
 from scoat_jax.models import available_models, count_params, get_model, layers
@@ -72,6 +73,23 @@ def test_upsample_align_corners_hand_computed_2x2():
   # Half-pixel resizing (jax.image.resize) is a different function.
   half_pixel = jax.image.resize(x, (1, 4, 4, 1), "bilinear")
   assert not np.allclose(half_pixel, out)
+
+
+def test_max_pool_hand_case_and_gradient():
+  x = jnp.asarray([[1.0, 5.0, 2.0, 0.0],
+                   [3.0, 4.0, 7.0, 6.0]]).reshape(1, 2, 4, 1)
+  np.testing.assert_array_equal(layers.max_pool2x(x).ravel(), [5.0, 7.0])
+  # Gradient: each window's maximum gets the output's gradient, the rest 0.
+  grad = jax.grad(lambda v: jnp.sum(layers.max_pool2x(v) * jnp.asarray([2.0, 3.0]).reshape(1, 1, 2, 1)))(x)
+  np.testing.assert_array_equal(grad.reshape(2, 4), [[0, 2, 0, 0], [0, 0, 3, 0]])
+  # Distinct values: the same forward and gradient as Flax's windowed max-pool.
+  y = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+  ref = lambda v: jnp.sum(jnp.sin(nn.max_pool(v, (2, 2), strides=(2, 2))))
+  ours = lambda v: jnp.sum(jnp.sin(layers.max_pool2x(v)))
+  np.testing.assert_array_equal(ours(y), ref(y))
+  np.testing.assert_array_equal(jax.grad(ours)(y), jax.grad(ref)(y))
+  with pytest.raises(ValueError, match="even height and width"):
+    layers.max_pool2x(jnp.zeros((1, 3, 4, 1)))
 
 
 def test_upsample_align_corners_matches_reference_formula():

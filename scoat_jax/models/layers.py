@@ -102,7 +102,19 @@ def upsample2x_align_corners(x: jax.Array) -> jax.Array:
 
 
 def max_pool2x(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (2, 2), strides=(2, 2))
+  """2x2 max-pool with stride 2 (height and width must be even).
+
+  Written as a max over a reshaped axis pair rather than a reduce-window: the
+  gradient is then an elementwise mask, where XLA's CPU backend differentiates
+  a windowed max through four index arrays the size of the input (on a 256-px
+  train step that argmax cost more than the pool itself). A window whose
+  maximum is tied shares the gradient among the tied inputs; after a ReLU the
+  only ties are zeros, whose gradient the ReLU stops anyway.
+  """
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"max_pool2x needs an even height and width, got {h}x{w}")
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class ResBlock(nn.Module):
