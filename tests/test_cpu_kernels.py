@@ -46,6 +46,8 @@ def test_hand_case():
 @pytest.mark.parametrize("batch,height,width,cin,cout,k", [
     (1, 5, 7, 1, 8, 3), (2, 9, 4, 7, 16, 3), (3, 4, 6, 13, 24, 3), (2, 6, 5, 6, 8, 1),
     (2, 8, 8, 32, 32, 3), (1, 7, 9, 5, 16, 5), (2, 3, 200, 4, 8, 3), (2, 40, 3, 2, 24, 1),
+    # The AVX-512 blocks (12 x 32, 12 x 16, then 8 columns by AVX2) and their remainders.
+    (2, 5, 9, 11, 40, 3), (1, 6, 7, 12, 48, 3), (2, 4, 5, 25, 56, 3), (1, 3, 17, 23, 8, 1),
 ])
 def test_matches_definition(batch, height, width, cin, cout, k):
   rng = np.random.default_rng(cin * 100 + cout)
