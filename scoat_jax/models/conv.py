@@ -13,7 +13,7 @@ k*k matrix products, one per kernel tap:
 than the same product as a dot, e.g. 2x256x256x192 -> 32: 51 ms against 5 ms)
 and swaps in a faster weight gradient through `jax.custom_vjp`:
 
-* the native kernel of `scoat_jax.models.cpu_kernels` (AVX2, all of XLA's
+* the native kernel of `scoat_jax.models.cpu_kernels` (AVX2/AVX-512, all of XLA's
   threads; 1.7-5.6x faster again on the 32-64-channel rows) where it builds, the
   computation runs on a single device, and the shape fits it;
 * otherwise `weight_grad_by_taps`: the k*k products as XLA dots, looped with

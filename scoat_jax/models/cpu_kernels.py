@@ -1,10 +1,11 @@
 """The native CPU kernel for convolution weight gradients, built on first use.
 
 `csrc/conv_weight_grad.cc` computes dL/dkernel of a stride-1 'same'
-convolution with AVX2 fused multiply-adds on all of XLA's intra-op threads
-(see that file). XLA's CPU backend runs the same long-contraction product on
-one thread: on a 2-core AVX2 machine the kernel is 1.7-5.6x faster for the
-32-64-channel rows of SCOAT-Net (BUILD.md has the table).
+convolution with AVX2 (or, where the compiler targets it, AVX-512) fused
+multiply-adds on all of XLA's intra-op threads (see that file). XLA's CPU
+backend runs the same long-contraction product on one thread: on a 2-core AVX2
+machine the kernel is 1.7-5.6x faster for the 32-64-channel rows of SCOAT-Net,
+and 1.7-7x on a 2-core AVX-512 one (BUILD.md has the tables).
 
 The kernel is compiled with the system's C++ compiler the first time it is
 needed (a few seconds) into `~/.cache/scoat_jax/kernels/<source hash>/`
@@ -92,7 +93,7 @@ def build() -> Path:
   if library.exists():
     return library
   if platform.machine().lower() not in ("x86_64", "amd64"):
-    raise KernelBuildError(f"the kernel is written for x86-64 (AVX2), this is {platform.machine()}")
+    raise KernelBuildError(f"the kernel is written for x86-64 (AVX2/AVX-512), this is {platform.machine()}")
   compiler = _compiler()
   if shutil.which(compiler) is None:
     raise KernelBuildError(f"no C++ compiler {compiler!r} on PATH (set CXX or install g++)")
