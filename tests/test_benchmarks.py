@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end and print the JSON the GPU check reads."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--size=32", "--batch=2", "--widths=4,8,16,32,64", "--warmup=0", "--repeats=2", "--json"]
+KEYS = {"compile_s", "step_s_median", "step_s_min", "step_s_max", "slices_per_s",
+        "flops_per_step", "flop_per_s", "peak_rss_gib", "peak_device_gib", "device"}
+
+
+def _run(script: str, *flags: str) -> tuple[list[dict], str]:
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "SCOAT_JAX_NATIVE_KERNELS": "0"}
+  env.pop("XLA_FLAGS", None)  # one device, as a user runs it
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TINY, *flags],
+                        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+@pytest.mark.parametrize("script,flags,rows", [
+    ("train_step.py", ("--dtype=float32,bfloat16",), 2),
+    ("predict.py", (), 1),
+])
+def test_json_lines_and_table(script, flags, rows):
+  records, table = _run(script, *flags)
+  assert len(records) == rows  # stdout holds only the JSON lines, one per point
+  for r in records:
+    assert KEYS <= r.keys()
+    assert r["size"] == 32 and r["batch"] == 2
+    assert 0 < r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"]
+    assert r["slices_per_s"] == pytest.approx(2 / r["step_s_median"])
+    assert r["flops_per_step"] > 0  # XLA's CPU cost analysis
+    assert r["flop_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s_median"])
+    assert r["peak_rss_gib"] > 0
+  assert "| size | batch | dtype |" in table  # the table for people goes to stderr
+
+
+def test_bad_batch_is_refused():
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
+                         "--devices=2", "--batch=3", "--size=32", "--widths=4,8,16,32,64"],
+                        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+  assert proc.returncode != 0
+  assert "--batch" in proc.stderr.strip().splitlines()[-1]
