@@ -82,33 +82,6 @@ inline void RowBlock(const float* x, int64_t cin, const float* g, int64_t cout, 
 #undef SCOAT_STORE
 }
 
-template <int MR, int NR>
-void Block(const float* x, int64_t x_row_stride, int64_t cin, const float* g,
-           int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
-           int64_t acc_stride) {
-  for (int64_t r = 0; r < rows; ++r) {
-    RowBlock<MR, NR>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, acc,
-                     acc_stride);
-  }
-}
-
-template <int NR>
-void BlockAnyRows(int mr, const float* x, int64_t x_row_stride, int64_t cin, const float* g,
-                  int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
-                  int64_t acc_stride) {
-#define SCOAT_BLOCK(M) \
-  Block<M, NR>(x, x_row_stride, cin, g, g_row_stride, cout, rows, width, acc, acc_stride)
-  switch (mr) {
-    case 6: SCOAT_BLOCK(6); break;
-    case 5: SCOAT_BLOCK(5); break;
-    case 4: SCOAT_BLOCK(4); break;
-    case 3: SCOAT_BLOCK(3); break;
-    case 2: SCOAT_BLOCK(2); break;
-    default: SCOAT_BLOCK(1); break;
-  }
-#undef SCOAT_BLOCK
-}
-
 #if defined(__AVX512F__)
 // As RowBlock, with 512-bit registers: acc[m, 0:NR] for m < MR <= 12, NR 16 or 32.
 template <int MR, int NR>
@@ -146,41 +119,50 @@ inline void RowBlock512(const float* x, int64_t cin, const float* g, int64_t cou
 #undef SCOAT_STORE
 }
 
+constexpr int kMR512 = 12;  // 12 x 32 accumulators: 24 of the 32 AVX-512 registers
+#else
+// Declared so that the generic blocks below compile; never instantiated here.
 template <int MR, int NR>
-void Block512(const float* x, int64_t x_row_stride, int64_t cin, const float* g,
-              int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
-              int64_t acc_stride) {
+void RowBlock512(const float* x, int64_t cin, const float* g, int64_t cout, int64_t width,
+                 float* acc, int64_t acc_stride);
+#endif  // __AVX512F__
+
+// RowBlock (AVX2) or RowBlock512 (kWide) over `rows` rows of a chunk.
+template <int MR, int NR, bool kWide>
+void Block(const float* x, int64_t x_row_stride, int64_t cin, const float* g,
+           int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
+           int64_t acc_stride) {
   for (int64_t r = 0; r < rows; ++r) {
-    RowBlock512<MR, NR>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, acc,
-                        acc_stride);
+    if constexpr (kWide) {
+      RowBlock512<MR, NR>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, acc,
+                          acc_stride);
+    } else {
+      RowBlock<MR, NR>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, acc,
+                       acc_stride);
+    }
   }
 }
 
-template <int NR>
-void Block512AnyRows(int mr, const float* x, int64_t x_row_stride, int64_t cin, const float* g,
-                     int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width,
-                     float* acc, int64_t acc_stride) {
-#define SCOAT_BLOCK(M) \
-  Block512<M, NR>(x, x_row_stride, cin, g, g_row_stride, cout, rows, width, acc, acc_stride)
+// Block<mr, ...> for a run-time mr: 1 <= mr <= 12 (kWide) or 6 (AVX2).
+template <int NR, bool kWide>
+void BlockAnyRows(int mr, const float* x, int64_t x_row_stride, int64_t cin, const float* g,
+                  int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
+                  int64_t acc_stride) {
+#define SCOAT_BLOCK(M)                                                                    \
+  case M:                                                                                 \
+    if constexpr (kWide || M <= 6) {                                                      \
+      Block<M, NR, kWide>(x, x_row_stride, cin, g, g_row_stride, cout, rows, width, acc,  \
+                          acc_stride);                                                    \
+    }                                                                                     \
+    break;
   switch (mr) {
-    case 12: SCOAT_BLOCK(12); break;
-    case 11: SCOAT_BLOCK(11); break;
-    case 10: SCOAT_BLOCK(10); break;
-    case 9: SCOAT_BLOCK(9); break;
-    case 8: SCOAT_BLOCK(8); break;
-    case 7: SCOAT_BLOCK(7); break;
-    case 6: SCOAT_BLOCK(6); break;
-    case 5: SCOAT_BLOCK(5); break;
-    case 4: SCOAT_BLOCK(4); break;
-    case 3: SCOAT_BLOCK(3); break;
-    case 2: SCOAT_BLOCK(2); break;
-    default: SCOAT_BLOCK(1); break;
+    SCOAT_BLOCK(12) SCOAT_BLOCK(11) SCOAT_BLOCK(10) SCOAT_BLOCK(9) SCOAT_BLOCK(8)
+    SCOAT_BLOCK(7) SCOAT_BLOCK(6) SCOAT_BLOCK(5) SCOAT_BLOCK(4) SCOAT_BLOCK(3)
+    SCOAT_BLOCK(2) SCOAT_BLOCK(1)
   }
 #undef SCOAT_BLOCK
 }
 
-constexpr int kMR512 = 12;  // 12 x 32 accumulators: 24 of the 32 AVX-512 registers
-#endif  // __AVX512F__
 
 constexpr int kMR = 6;  // 6 x 16 accumulators: 12 of the 16 AVX registers
 
@@ -199,17 +181,17 @@ void AccumulateChunk(const Problem& p, int64_t b, int64_t h0, int64_t h1, float*
         const int mr = static_cast<int>(std::min<int64_t>(kMR512, p.cin - c));
         int64_t o = 0;
         for (; o + 32 <= p.cout; o += 32) {
-          Block512AnyRows<32>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
+          BlockAnyRows<32, true>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
                               rows, p.width, acc_tap + c * p.cout + o, p.cout);
         }
         if (o + 16 <= p.cout) {
-          Block512AnyRows<16>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
+          BlockAnyRows<16, true>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
                               rows, p.width, acc_tap + c * p.cout + o, p.cout);
           o += 16;
         }
         for (int64_t c8 = c; o < p.cout && c8 < c + mr; c8 += kMR) {  // cout % 16 == 8
           const int mr8 = static_cast<int>(std::min<int64_t>(kMR, c + mr - c8));
-          BlockAnyRows<8>(mr8, x_tap + c8, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
+          BlockAnyRows<8, false>(mr8, x_tap + c8, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
                           rows, p.width, acc_tap + c8 * p.cout + o, p.cout);
         }
       }
@@ -218,11 +200,11 @@ void AccumulateChunk(const Problem& p, int64_t b, int64_t h0, int64_t h1, float*
         const int mr = static_cast<int>(std::min<int64_t>(kMR, p.cin - c));
         int64_t o = 0;
         for (; o + 16 <= p.cout; o += 16) {
-          BlockAnyRows<16>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
+          BlockAnyRows<16, false>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
                            rows, p.width, acc_tap + c * p.cout + o, p.cout);
         }
         if (o < p.cout) {  // cout % 16 == 8
-          BlockAnyRows<8>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
+          BlockAnyRows<8, false>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
                           rows, p.width, acc_tap + c * p.cout + o, p.cout);
         }
       }
