@@ -55,7 +55,10 @@ class KernelBuildError(RuntimeError):
 
 
 def _compile_flags() -> list[str]:
-  return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+  # SCOAT_JAX_KERNEL_MARCH (default native) lets a test build the AVX2 block on
+  # an AVX-512 CPU (`haswell`); it is part of the cache key like every flag.
+  march = os.environ.get("SCOAT_JAX_KERNEL_MARCH", "native")
+  return ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC",
           "-I" + jax.ffi.include_dir()]
 
 
