@@ -31,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -47,113 +48,89 @@ struct Problem {
   int64_t batch, height, width, padded_height, padded_width, cin, cout, kh, kw;
 };
 
-// acc[m, 0:NR] += sum over w < width of x[w * cin + m] * g[w * cout + 0:NR], m < MR.
-// The accumulators are named variables, not an array: GCC stored an array of
-// them back to the stack after every pixel.
-template <int MR, int NR>
-inline void RowBlock(const float* x, int64_t cin, const float* g, int64_t cout, int64_t width,
-                     float* acc, int64_t acc_stride) {
-  static_assert(MR >= 1 && MR <= 6 && (NR == 8 || NR == 16), "block is MR x NR");
-  const __m256 zero = _mm256_setzero_ps();
-#define SCOAT_LOAD(m)                                                                     \
-  __m256 c##m##0 = MR > m ? _mm256_loadu_ps(acc + m * acc_stride) : zero;                 \
-  __m256 c##m##1 = MR > m && NR == 16 ? _mm256_loadu_ps(acc + m * acc_stride + 8) : zero;
-  SCOAT_LOAD(0) SCOAT_LOAD(1) SCOAT_LOAD(2) SCOAT_LOAD(3) SCOAT_LOAD(4) SCOAT_LOAD(5)
-#undef SCOAT_LOAD
-  for (int64_t w = 0; w < width; ++w) {
-    const float* xw = x + w * cin;
-    const __m256 g0 = _mm256_loadu_ps(g + w * cout);
-    const __m256 g1 = NR == 16 ? _mm256_loadu_ps(g + w * cout + 8) : g0;
-#define SCOAT_FMA(m)                                             \
-  if constexpr (MR > m) {                                        \
-    const __m256 b = _mm256_broadcast_ss(xw + m);                \
-    c##m##0 = _mm256_fmadd_ps(b, g0, c##m##0);                   \
-    if constexpr (NR == 16) c##m##1 = _mm256_fmadd_ps(b, g1, c##m##1); \
-  }
-    SCOAT_FMA(0) SCOAT_FMA(1) SCOAT_FMA(2) SCOAT_FMA(3) SCOAT_FMA(4) SCOAT_FMA(5)
-#undef SCOAT_FMA
-  }
-#define SCOAT_STORE(m)                                                          \
-  if constexpr (MR > m) {                                                       \
-    _mm256_storeu_ps(acc + m * acc_stride, c##m##0);                            \
-    if constexpr (NR == 16) _mm256_storeu_ps(acc + m * acc_stride + 8, c##m##1); \
-  }
-  SCOAT_STORE(0) SCOAT_STORE(1) SCOAT_STORE(2) SCOAT_STORE(3) SCOAT_STORE(4) SCOAT_STORE(5)
-#undef SCOAT_STORE
-}
+// The vector instructions a register block is written in. An ISA's block holds
+// at most kMaxMR x 2 vectors of dW in registers (3/4 of the register file).
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kMaxMR = 6;  // 12 of the 16 AVX registers
+  static V Zero() { return _mm256_setzero_ps(); }
+  static V Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
 
 #if defined(__AVX512F__)
-// As RowBlock, with 512-bit registers: acc[m, 0:NR] for m < MR <= 12, NR 16 or 32.
-template <int MR, int NR>
-inline void RowBlock512(const float* x, int64_t cin, const float* g, int64_t cout,
-                        int64_t width, float* acc, int64_t acc_stride) {
-  static_assert(MR >= 1 && MR <= 12 && (NR == 16 || NR == 32), "block is MR x NR");
-  const __m512 zero = _mm512_setzero_ps();
-#define SCOAT_LOAD(m)                                                                      \
-  __m512 c##m##0 = MR > m ? _mm512_loadu_ps(acc + m * acc_stride) : zero;                  \
-  __m512 c##m##1 = MR > m && NR == 32 ? _mm512_loadu_ps(acc + m * acc_stride + 16) : zero;
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kMaxMR = 12;  // 24 of the 32 AVX-512 registers
+  static V Zero() { return _mm512_setzero_ps(); }
+  static V Load(const float* p) { return _mm512_loadu_ps(p); }
+  static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V Broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+};
+using Wide = Avx512;  // the block most of dW goes through
+#else
+using Wide = Avx2;
+#endif
+
+// acc[m, 0:NV * lanes] += sum over w < width of x[w * cin + m] * g[w * cout + 0:NV * lanes],
+// m < MR. The accumulators are named variables, not an array: GCC stored an
+// array of them back to the stack after every pixel.
+template <class T, int MR, int NV>
+inline void RowBlock(const float* x, int64_t cin, const float* g, int64_t cout, int64_t width,
+                     float* acc, int64_t acc_stride) {
+  static_assert(MR >= 1 && MR <= T::kMaxMR && MR <= 12 && (NV == 1 || NV == 2),
+                "block is MR x NV vectors");
+  using V = typename T::V;
+  constexpr int L = T::kLanes;
+  const V zero = T::Zero();
+#define SCOAT_LOAD(m)                                                            \
+  V c##m##0 = MR > m ? T::Load(acc + m * acc_stride) : zero;                     \
+  V c##m##1 = MR > m && NV == 2 ? T::Load(acc + m * acc_stride + L) : zero;
   SCOAT_LOAD(0) SCOAT_LOAD(1) SCOAT_LOAD(2) SCOAT_LOAD(3) SCOAT_LOAD(4) SCOAT_LOAD(5)
   SCOAT_LOAD(6) SCOAT_LOAD(7) SCOAT_LOAD(8) SCOAT_LOAD(9) SCOAT_LOAD(10) SCOAT_LOAD(11)
 #undef SCOAT_LOAD
   for (int64_t w = 0; w < width; ++w) {
     const float* xw = x + w * cin;
-    const __m512 g0 = _mm512_loadu_ps(g + w * cout);
-    const __m512 g1 = NR == 32 ? _mm512_loadu_ps(g + w * cout + 16) : g0;
-#define SCOAT_FMA(m)                                                     \
-  if constexpr (MR > m) {                                                \
-    const __m512 b = _mm512_set1_ps(xw[m]);                              \
-    c##m##0 = _mm512_fmadd_ps(b, g0, c##m##0);                           \
-    if constexpr (NR == 32) c##m##1 = _mm512_fmadd_ps(b, g1, c##m##1);   \
+    const V g0 = T::Load(g + w * cout);
+    const V g1 = NV == 2 ? T::Load(g + w * cout + L) : g0;
+#define SCOAT_FMA(m)                                        \
+  if constexpr (MR > m) {                                   \
+    const V b = T::Broadcast(xw + m);                       \
+    c##m##0 = T::Fma(b, g0, c##m##0);                       \
+    if constexpr (NV == 2) c##m##1 = T::Fma(b, g1, c##m##1); \
   }
     SCOAT_FMA(0) SCOAT_FMA(1) SCOAT_FMA(2) SCOAT_FMA(3) SCOAT_FMA(4) SCOAT_FMA(5)
     SCOAT_FMA(6) SCOAT_FMA(7) SCOAT_FMA(8) SCOAT_FMA(9) SCOAT_FMA(10) SCOAT_FMA(11)
 #undef SCOAT_FMA
   }
-#define SCOAT_STORE(m)                                                               \
-  if constexpr (MR > m) {                                                            \
-    _mm512_storeu_ps(acc + m * acc_stride, c##m##0);                                 \
-    if constexpr (NR == 32) _mm512_storeu_ps(acc + m * acc_stride + 16, c##m##1);    \
+#define SCOAT_STORE(m)                                                  \
+  if constexpr (MR > m) {                                               \
+    T::Store(acc + m * acc_stride, c##m##0);                            \
+    if constexpr (NV == 2) T::Store(acc + m * acc_stride + L, c##m##1); \
   }
   SCOAT_STORE(0) SCOAT_STORE(1) SCOAT_STORE(2) SCOAT_STORE(3) SCOAT_STORE(4) SCOAT_STORE(5)
   SCOAT_STORE(6) SCOAT_STORE(7) SCOAT_STORE(8) SCOAT_STORE(9) SCOAT_STORE(10) SCOAT_STORE(11)
 #undef SCOAT_STORE
 }
 
-constexpr int kMR512 = 12;  // 12 x 32 accumulators: 24 of the 32 AVX-512 registers
-#else
-// Declared so that the generic blocks below compile; never instantiated here.
-template <int MR, int NR>
-void RowBlock512(const float* x, int64_t cin, const float* g, int64_t cout, int64_t width,
-                 float* acc, int64_t acc_stride);
-#endif  // __AVX512F__
-
-// RowBlock (AVX2) or RowBlock512 (kWide) over `rows` rows of a chunk.
-template <int MR, int NR, bool kWide>
-void Block(const float* x, int64_t x_row_stride, int64_t cin, const float* g,
+// RowBlock<T, mr, NV> over `rows` rows of a chunk, for a run-time 1 <= mr <= T::kMaxMR.
+template <class T, int NV>
+void Block(int mr, const float* x, int64_t x_row_stride, int64_t cin, const float* g,
            int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
            int64_t acc_stride) {
-  for (int64_t r = 0; r < rows; ++r) {
-    if constexpr (kWide) {
-      RowBlock512<MR, NR>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, acc,
-                          acc_stride);
-    } else {
-      RowBlock<MR, NR>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, acc,
-                       acc_stride);
-    }
-  }
-}
-
-// Block<mr, ...> for a run-time mr: 1 <= mr <= 12 (kWide) or 6 (AVX2).
-template <int NR, bool kWide>
-void BlockAnyRows(int mr, const float* x, int64_t x_row_stride, int64_t cin, const float* g,
-                  int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
-                  int64_t acc_stride) {
-#define SCOAT_BLOCK(M)                                                                    \
-  case M:                                                                                 \
-    if constexpr (kWide || M <= 6) {                                                      \
-      Block<M, NR, kWide>(x, x_row_stride, cin, g, g_row_stride, cout, rows, width, acc,  \
-                          acc_stride);                                                    \
-    }                                                                                     \
+#define SCOAT_BLOCK(M)                                                                 \
+  case M:                                                                              \
+    if constexpr (M <= T::kMaxMR) {                                                    \
+      for (int64_t r = 0; r < rows; ++r) {                                             \
+        RowBlock<T, M, NV>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, \
+                           acc, acc_stride);                                           \
+      }                                                                                \
+    }                                                                                  \
     break;
   switch (mr) {
     SCOAT_BLOCK(12) SCOAT_BLOCK(11) SCOAT_BLOCK(10) SCOAT_BLOCK(9) SCOAT_BLOCK(8)
@@ -163,11 +140,12 @@ void BlockAnyRows(int mr, const float* x, int64_t x_row_stride, int64_t cin, con
 #undef SCOAT_BLOCK
 }
 
-
-constexpr int kMR = 6;  // 6 x 16 accumulators: 12 of the 16 AVX registers
-
-// Adds chunk `rows` [h0, h1) of image b to acc (KH, KW, Ci, Co).
+// Adds chunk `rows` [h0, h1) of image b to acc (KH, KW, Ci, Co). Per tap, dW
+// goes in blocks of up to Wide::kMaxMR input channels by two, then one, wide
+// vectors of output channels; the last 8 output channels of a C_out of 16k + 8
+// on an AVX-512 build take the AVX2 block.
 void AccumulateChunk(const Problem& p, int64_t b, int64_t h0, int64_t h1, float* acc) {
+  constexpr int64_t kWideCols = Wide::kLanes;
   const int64_t rows = h1 - h0;
   const int64_t x_row_stride = p.padded_width * p.cin;
   const int64_t g_row_stride = p.width * p.cout;
@@ -176,39 +154,26 @@ void AccumulateChunk(const Problem& p, int64_t b, int64_t h0, int64_t h1, float*
     for (int64_t j = 0; j < p.kw; ++j) {
       const float* x_tap = p.x + ((b * p.padded_height + h0 + i) * p.padded_width + j) * p.cin;
       float* acc_tap = acc + (i * p.kw + j) * p.cin * p.cout;
-#if defined(__AVX512F__)
-      for (int64_t c = 0; c < p.cin; c += kMR512) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR512, p.cin - c));
+      for (int64_t c = 0; c < p.cin; c += Wide::kMaxMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(Wide::kMaxMR, p.cin - c));
+        const auto block = [&](auto isa, auto nv, int64_t c0, int block_mr, int64_t o) {
+          Block<decltype(isa), decltype(nv)::value>(
+              block_mr, x_tap + c0, x_row_stride, p.cin, g + o, g_row_stride, p.cout, rows,
+              p.width, acc_tap + c0 * p.cout + o, p.cout);
+        };
         int64_t o = 0;
-        for (; o + 32 <= p.cout; o += 32) {
-          BlockAnyRows<32, true>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
-                              rows, p.width, acc_tap + c * p.cout + o, p.cout);
+        for (; o + 2 * kWideCols <= p.cout; o += 2 * kWideCols) {
+          block(Wide{}, std::integral_constant<int, 2>{}, c, mr, o);
         }
-        if (o + 16 <= p.cout) {
-          BlockAnyRows<16, true>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
-                              rows, p.width, acc_tap + c * p.cout + o, p.cout);
-          o += 16;
+        if (o + kWideCols <= p.cout) {
+          block(Wide{}, std::integral_constant<int, 1>{}, c, mr, o);
+          o += kWideCols;
         }
-        for (int64_t c8 = c; o < p.cout && c8 < c + mr; c8 += kMR) {  // cout % 16 == 8
-          const int mr8 = static_cast<int>(std::min<int64_t>(kMR, c + mr - c8));
-          BlockAnyRows<8, false>(mr8, x_tap + c8, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
-                          rows, p.width, acc_tap + c8 * p.cout + o, p.cout);
+        for (int64_t c8 = c; o < p.cout && c8 < c + mr; c8 += Avx2::kMaxMR) {  // 8 left
+          const int mr8 = static_cast<int>(std::min<int64_t>(Avx2::kMaxMR, c + mr - c8));
+          block(Avx2{}, std::integral_constant<int, 1>{}, c8, mr8, o);
         }
       }
-#else
-      for (int64_t c = 0; c < p.cin; c += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, p.cin - c));
-        int64_t o = 0;
-        for (; o + 16 <= p.cout; o += 16) {
-          BlockAnyRows<16, false>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
-                           rows, p.width, acc_tap + c * p.cout + o, p.cout);
-        }
-        if (o < p.cout) {  // cout % 16 == 8
-          BlockAnyRows<8, false>(mr, x_tap + c, x_row_stride, p.cin, g + o, g_row_stride, p.cout,
-                          rows, p.width, acc_tap + c * p.cout + o, p.cout);
-        }
-      }
-#endif
     }
   }
 }
