@@ -13,11 +13,15 @@ KEYS = {"compile_s", "step_s_median", "step_s_min", "step_s_max", "slices_per_s"
         "flops_per_step", "flop_per_s", "peak_rss_gib", "peak_device_gib", "device"}
 
 
-def _run(script: str, *flags: str) -> tuple[list[dict], str]:
+def _benchmark(script: str, *flags: str) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONPATH": str(ROOT), "SCOAT_JAX_NATIVE_KERNELS": "0"}
   env.pop("XLA_FLAGS", None)  # one device, as a user runs it
-  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TINY, *flags],
+  return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *flags],
                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def _run(script: str, *flags: str) -> tuple[list[dict], str]:
+  proc = _benchmark(script, *TINY, *flags)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
@@ -41,10 +45,7 @@ def test_json_lines_and_table(script, flags, rows):
 
 
 def test_bad_batch_is_refused():
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
-                         "--devices=2", "--batch=3", "--size=32", "--widths=4,8,16,32,64"],
-                        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+  proc = _benchmark("train_step.py", "--devices=2", "--batch=3", "--size=32",
+                    "--widths=4,8,16,32,64")
   assert proc.returncode != 0
   assert "--batch" in proc.stderr.strip().splitlines()[-1]
