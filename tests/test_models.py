@@ -92,25 +92,33 @@ def test_max_pool_hand_case_and_gradient():
     layers.max_pool2x(jnp.zeros((1, 3, 4, 1)))
 
 
-def test_upsample_align_corners_matches_reference_formula():
+def _align_corners_matrix(n):
+  """(2n, n) interpolation matrix of align-corners x2 up-sampling, by definition."""
+  m = np.zeros((2 * n, n))
+  for o in range(2 * n):
+    s = o * (n - 1) / (2 * n - 1) if n > 1 else 0.0
+    lo = int(np.floor(s))
+    hi = min(lo + 1, n - 1)
+    m[o, lo] += 1 - (s - lo)
+    m[o, hi] += s - lo
+  return m
+
+
+@pytest.mark.parametrize("height,width", [(3, 5), (1, 2), (8, 1)])
+def test_upsample_align_corners_matches_reference_formula(height, width):
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+  x = rng.normal(size=(2, height, width, 4)).astype(np.float32)
   out = np.asarray(layers.upsample2x_align_corners(jnp.asarray(x)))
   # Reference: explicit interpolation matrices, built from the definition.
-  def matrix(n):
-    m = np.zeros((2 * n, n))
-    for o in range(2 * n):
-      s = o * (n - 1) / (2 * n - 1)
-      lo = int(np.floor(s))
-      hi = min(lo + 1, n - 1)
-      m[o, lo] += 1 - (s - lo)
-      m[o, hi] += s - lo
-    return m
-  ref = np.einsum("oh,bhwc->bowc", matrix(3), x)
-  ref = np.einsum("pw,bowc->bopc", matrix(5), ref)
+  rows, cols = _align_corners_matrix(height), _align_corners_matrix(width)
+  ref = np.einsum("oh,pw,bhwc->bopc", rows, cols, x)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   # Corners of input and output grids coincide.
   np.testing.assert_allclose(out[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]], rtol=1e-6)
+  # The gradient is the transposed interpolation.
+  g = rng.normal(size=out.shape).astype(np.float32)
+  grad = jax.grad(lambda v: jnp.sum(layers.upsample2x_align_corners(v) * g))(jnp.asarray(x))
+  np.testing.assert_allclose(grad, np.einsum("oh,pw,bopc->bhwc", rows, cols, g), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("height,width", [(32, 32), (48, 32), (32, 80)])

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from scoat_jax.models.conv import Conv
 
@@ -61,28 +62,38 @@ def batch_norm(*, train: bool, name: str, dtype: Dtype) -> nn.BatchNorm:
       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-@functools.lru_cache(maxsize=None)
-def _align_corners_taps(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Source taps of a length-n axis up-sampled to 2n with aligned corners.
-
-  Output sample o sits at source coordinate o * (n - 1) / (2n - 1), so the
-  first and last samples of both grids coincide. Each output is a linear
-  interpolation of the two neighbouring source samples `lo` and `hi`.
-  """
-  out = 2 * n
-  src = np.arange(out, dtype=np.float64) * ((n - 1) / (out - 1))
-  lo = np.floor(src).astype(np.int32)
-  hi = np.minimum(lo + 1, n - 1).astype(np.int32)
-  frac = (src - lo).astype(np.float32)
-  return lo, hi, frac
-
-
 def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
-  lo, hi, frac = _align_corners_taps(x.shape[axis])
+  """Doubles one axis of `x` by linear interpolation with aligned corners.
+
+  Output sample o of a length-n axis sits at source coordinate
+  s = o (n - 1) / (2n - 1), so the first and last samples of both grids
+  coincide. Worked out per parity, the two source neighbours are fixed:
+
+    o = 2i + 1:  s = i + (n - 1 - i) / (2n - 1)       between x[i] and x[i + 1]
+    o = 2i:      s = i - 1 + (2n - 1 - i) / (2n - 1)  between x[i - 1] and x[i]
+
+  (at the ends the weight of the missing neighbour is 0). So the result is
+  two shifted copies of x blended with per-position weights, interleaved:
+  slices and elementwise arithmetic that XLA fuses, and whose gradient is the
+  same, where gathering the neighbours by index makes a scatter-add of the
+  gradient (on the CPU, gather and scatter-add cost ~0.1 s of a 256-px
+  train step).
+  """
+  n = x.shape[axis]
+  first = lax.slice_in_dim(x, 0, 1, axis=axis)
+  last = lax.slice_in_dim(x, n - 1, n, axis=axis)
+  previous = jnp.concatenate([first, lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+  following = jnp.concatenate([lax.slice_in_dim(x, 1, n, axis=axis), last], axis=axis)
+  i = np.arange(n, dtype=np.float64)
   shape = [1] * x.ndim
-  shape[axis] = frac.size
-  frac = jnp.asarray(frac.reshape(shape), x.dtype)
-  return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+  shape[axis] = n
+  weight = lambda w: jnp.asarray(w.astype(np.float32).reshape(shape), x.dtype)
+  to_even = (2 * n - 1 - i) / (2 * n - 1)  # weight of x[i] in output 2i
+  to_odd = (n - 1 - i) / (2 * n - 1)  # weight of x[i + 1] in output 2i + 1
+  even = previous * weight(1 - to_even) + x * weight(to_even)
+  odd = x * weight(1 - to_odd) + following * weight(to_odd)
+  out = jnp.stack([even, odd], axis=axis + 1)
+  return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
 
 
 def upsample2x_align_corners(x: jax.Array) -> jax.Array:
