@@ -46,10 +46,12 @@ def test_hand_case():
 
 # Every register-block remainder: C_in % 6 in 0..5, C_out of 8 (one 8-wide
 # block), 16 and 24 (16 + 8); several images, rows that are not a multiple of
-# the chunk, non-square images, 1x1, 3x3 and 5x5 kernels.
+# the chunk, non-square images, 1x1, 3x3 and 5x5 kernels, a kernel larger than
+# the image (taps whose every input pixel is padding, which the kernel skips).
 @pytest.mark.parametrize("batch,height,width,cin,cout,k", [
     (1, 5, 7, 1, 8, 3), (2, 9, 4, 7, 16, 3), (3, 4, 6, 13, 24, 3), (2, 6, 5, 6, 8, 1),
     (2, 8, 8, 32, 32, 3), (1, 7, 9, 5, 16, 5), (2, 3, 200, 4, 8, 3), (2, 40, 3, 2, 24, 1),
+    (2, 2, 3, 3, 8, 5),
     # The AVX-512 blocks (12 x 32, 12 x 16, then 8 columns by AVX2) and their remainders.
     (2, 5, 9, 11, 40, 3), (1, 6, 7, 12, 48, 3), (2, 4, 5, 25, 56, 3), (1, 3, 17, 23, 8, 1),
 ])

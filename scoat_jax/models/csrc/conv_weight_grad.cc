@@ -1,8 +1,8 @@
 // Weight gradient of a stride-1 'same' convolution for x86-64 CPUs with AVX2
 // (and AVX-512, where the compiler targets it).
 //
-// dW[i, j, c, o] = sum over (b, h, w) of x_pad[b, h + i, w + j, c] * g[b, h, w, o]
-//
+// dW[i, j, c, o] = sum over (b, h, w) of x_pad[b, h + i, w + j, c] * g[b, h, w, o],
+// x_pad being x zero-padded by (KH/2, KW/2) on each side,
 // is a matrix product whose contraction runs over every pixel of the batch
 // (hundreds of thousands at 256x256) while the output is small (taps x C_in x
 // C_out). XLA's CPU backend runs such long-contraction products on one thread
@@ -10,8 +10,9 @@
 // rows, one range of chunks per thread of XLA's intra-op pool; each range is
 // summed into its own copy of dW, and the copies are added at the end. Within a chunk an MR x 16 block of dW stays in AVX registers
 // while the pixels stream past: per pixel, two loads of g and MR broadcasts of
-// x feed 2 * MR fused multiply-adds. x_pad is read in place at each tap's
-// offset, so no shifted or im2col copy is made. Built for a CPU with AVX-512
+// x feed 2 * MR fused multiply-adds. x is read in place at each tap's offset,
+// and the 'same' zero padding is left out of the sums rather than stored, so
+// no padded, shifted or im2col copy is made. Built for a CPU with AVX-512
 // (`-march=native` defines __AVX512F__), the block is MR x 32 in 512-bit
 // registers instead (MR up to 12: 24 accumulators of the 32 registers), which
 // ran about twice as fast on an AMD Zen 5 (2026-11-27); the last 8 columns of a
@@ -19,9 +20,8 @@
 //
 // Exposed to JAX through the XLA FFI as the handler symbol
 // `ScoatConvWeightGrad` (scoat_jax/models/cpu_kernels.py builds and registers
-// it). Operands: x_pad (B, H + KH - 1, W + KW - 1, C_in) and g (B, H, W, C_out),
-// float32, row-major; result dW (KH, KW, C_in, C_out). C_out must be a multiple
-// of 8.
+// it). Operands: x (B, H, W, C_in) and g (B, H, W, C_out), float32, row-major;
+// result dW (KH, KW, C_in, C_out), KH and KW odd. C_out must be a multiple of 8.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -43,9 +43,9 @@ namespace {
 constexpr int64_t kMaxRowsPixels = 512;  // pixels per chunk (whole rows, at least one)
 
 struct Problem {
-  const float* x;  // (B, Hp, Wp, Ci)
+  const float* x;  // (B, H, W, Ci)
   const float* g;  // (B, H, W, Co)
-  int64_t batch, height, width, padded_height, padded_width, cin, cout, kh, kw;
+  int64_t batch, height, width, cin, cout, kh, kw;  // KH, KW odd
 };
 
 // The vector instructions a register block is written in. An ISA's block holds
@@ -140,26 +140,35 @@ void Block(int mr, const float* x, int64_t x_row_stride, int64_t cin, const floa
 #undef SCOAT_BLOCK
 }
 
-// Adds chunk `rows` [h0, h1) of image b to acc (KH, KW, Ci, Co). Per tap, dW
-// goes in blocks of up to Wide::kMaxMR input channels by two, then one, wide
-// vectors of output channels; the last 8 output channels of a C_out of 16k + 8
-// on an AVX-512 build take the AVX2 block.
+// Adds the output rows [h0, h1) of image b to acc (KH, KW, Ci, Co). The
+// convolution's zero padding is implicit: tap (i, j) reads input pixel
+// (h + i - KH/2, w + j - KW/2) for output pixel (h, w), so it sums over the
+// output pixels whose input pixel lies inside the image, a rectangle, and
+// the pixels that would read the padding add nothing. Per tap, dW goes in
+// blocks of up to Wide::kMaxMR input channels by two, then one, wide vectors
+// of output channels; the last 8 output channels of a C_out of 16k + 8 on an
+// AVX-512 build take the AVX2 block.
 void AccumulateChunk(const Problem& p, int64_t b, int64_t h0, int64_t h1, float* acc) {
   constexpr int64_t kWideCols = Wide::kLanes;
-  const int64_t rows = h1 - h0;
-  const int64_t x_row_stride = p.padded_width * p.cin;
+  const int64_t x_row_stride = p.width * p.cin;
   const int64_t g_row_stride = p.width * p.cout;
-  const float* g = p.g + (b * p.height + h0) * g_row_stride;
   for (int64_t i = 0; i < p.kh; ++i) {
-    for (int64_t j = 0; j < p.kw; ++j) {
-      const float* x_tap = p.x + ((b * p.padded_height + h0 + i) * p.padded_width + j) * p.cin;
+    const int64_t di = i - p.kh / 2;
+    const int64_t row0 = std::max(h0, -di), row1 = std::min(h1, p.height - di);
+    for (int64_t j = 0; j < p.kw && row0 < row1; ++j) {
+      const int64_t dj = j - p.kw / 2;
+      const int64_t col0 = std::max<int64_t>(0, -dj), col1 = std::min(p.width, p.width - dj);
+      if (col0 >= col1) continue;
+      const int64_t rows = row1 - row0, cols = col1 - col0;
+      const float* x_tap = p.x + ((b * p.height + row0 + di) * p.width + col0 + dj) * p.cin;
+      const float* g_tap = p.g + ((b * p.height + row0) * p.width + col0) * p.cout;
       float* acc_tap = acc + (i * p.kw + j) * p.cin * p.cout;
       for (int64_t c = 0; c < p.cin; c += Wide::kMaxMR) {
         const int mr = static_cast<int>(std::min<int64_t>(Wide::kMaxMR, p.cin - c));
         const auto block = [&](auto isa, auto nv, int64_t c0, int block_mr, int64_t o) {
           Block<decltype(isa), decltype(nv)::value>(
-              block_mr, x_tap + c0, x_row_stride, p.cin, g + o, g_row_stride, p.cout, rows,
-              p.width, acc_tap + c0 * p.cout + o, p.cout);
+              block_mr, x_tap + c0, x_row_stride, p.cin, g_tap + o, g_row_stride, p.cout, rows,
+              cols, acc_tap + c0 * p.cout + o, p.cout);
         };
         int64_t o = 0;
         for (; o + 2 * kWideCols <= p.cout; o += 2 * kWideCols) {
@@ -211,19 +220,21 @@ void Work(const std::shared_ptr<Shared>& s) {
   }
 }
 
-ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_pad,
+ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
-  const auto xd = x_pad.dimensions();
+  const auto xd = x.dimensions();
   const auto gd = g.dimensions();
   const auto wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4) {
     return ffi::Error::InvalidArgument("conv weight gradient: operands must have rank 4");
   }
-  Problem p{x_pad.typed_data(), g.typed_data(), gd[0], gd[1], gd[2], xd[1], xd[2], xd[3],
-            gd[3], wd[0], wd[1]};
-  if (xd[0] != p.batch || p.padded_height != p.height + p.kh - 1 ||
-      p.padded_width != p.width + p.kw - 1 || wd[2] != p.cin || wd[3] != p.cout) {
+  Problem p{x.typed_data(), g.typed_data(), gd[0], gd[1], gd[2], xd[3], gd[3], wd[0], wd[1]};
+  if (xd[0] != p.batch || xd[1] != p.height || xd[2] != p.width || wd[2] != p.cin ||
+      wd[3] != p.cout) {
     return ffi::Error::InvalidArgument("conv weight gradient: inconsistent operand shapes");
+  }
+  if (p.kh % 2 == 0 || p.kw % 2 == 0) {
+    return ffi::Error::InvalidArgument("conv weight gradient: kernel sizes must be odd");
   }
   if (p.cout % 8 != 0) {
     return ffi::Error::InvalidArgument("conv weight gradient: C_out must be a multiple of 8");
