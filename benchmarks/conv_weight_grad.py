@@ -21,11 +21,13 @@ import sys
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402  (the benchmarks folder is not a package)
 
-# (kernel, C_in, C_out, image side / size): the body, shortcut and attention
-# convolutions of each SCOAT-Net row at paper widths, plus the first conv.
+# (kernel, C_in, C_out, image side / size): the first conv, and per SCOAT-Net
+# row at paper widths the body conv, the first conv of the narrowest and the
+# widest decoder node, and a shortcut.
 SHAPES = [
-    (3, 1, 32, 1), (3, 32, 32, 1), (3, 96, 32, 1), (3, 160, 32, 1), (1, 96, 32, 1),
-    (3, 64, 64, 2), (3, 192, 64, 2), (1, 192, 64, 2), (3, 128, 128, 4), (3, 384, 128, 4),
+    (3, 1, 32, 1), (3, 32, 32, 1), (3, 96, 32, 1), (3, 192, 32, 1), (1, 96, 32, 1),
+    (3, 64, 64, 2), (3, 192, 64, 2), (3, 320, 64, 2), (1, 192, 64, 2),
+    (3, 128, 128, 4), (3, 384, 128, 4), (3, 512, 128, 4),
     (3, 256, 256, 8), (3, 768, 256, 8), (3, 512, 512, 16),
 ]
 

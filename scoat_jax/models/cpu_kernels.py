@@ -36,11 +36,13 @@ TARGET = "scoat_conv_weight_grad"
 DEFAULT_DIR = "~/.cache/scoat_jax/kernels"
 # The kernel is used only where it beat XLA's per-tap dots in the whole train
 # step on the 2-core machine (BUILD.md; `benchmarks/conv_weight_grad.py`).
-# Above this many kernel elements (kh * kw * C_in * C_out) each thread's private
-# copy of dW leaves the fast caches and XLA's dot is as fast or faster (3x3
-# 128 -> 128 at 64x64 px: 0.9x; 768 -> 256 at 32x32: 0.7x; 192 -> 64 at 128x128,
-# 110,592 elements: 1.7x faster).
-MAX_KERNEL_ELEMENTS = 1 << 17
+# Below this many pixels in the batch (the contraction's length) the threads'
+# private copies of dW, zeroed and then added up, cost more than the short sum
+# they hold, and XLA's dot wins (3x3 512 -> 512 over 2x16x16 px: 0.7x; 768 ->
+# 256 over 2x16x16: 0.8x; over 2x32x32: 1.2x faster, in `conv_weight_grad.py`
+# on the Zen 5, 2026-11-28). Until the kernel swept its input channels outside
+# the taps, copies above 2^17 elements also lost; they no longer do.
+MIN_PIXELS = 1024
 # Below this many multiply-adds (pixels x kernel elements) the kernel wins
 # alone but not in the step: there XLA already runs small independent
 # gradients side by side on its threads, which the kernel then takes over
@@ -153,9 +155,8 @@ def supports(kernel_shape, dtype) -> bool:
 
 def faster_than_xla(x_shape, kernel_shape) -> bool:
   """Whether the kernel beat the per-tap XLA dots for this size (see above)."""
-  elements = math.prod(kernel_shape)
-  return (elements <= MAX_KERNEL_ELEMENTS
-          and math.prod(x_shape[:-1]) * elements >= MIN_MULTIPLY_ADDS)
+  pixels = math.prod(x_shape[:-1])
+  return pixels >= MIN_PIXELS and pixels * math.prod(kernel_shape) >= MIN_MULTIPLY_ADDS
 
 
 def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:

@@ -77,12 +77,15 @@ using Wide = Avx512;  // the block most of dW goes through
 using Wide = Avx2;
 #endif
 
-// acc[m, 0:NV * lanes] += sum over w < width of x[w * cin + m] * g[w * cout + 0:NV * lanes],
-// m < MR. The accumulators are named variables, not an array: GCC stored an
-// array of them back to the stack after every pixel.
+// acc[m, 0:NV * lanes] += sum over r < rows, w < width of
+//     x[r * x_row_stride + w * cin + m] * g[r * g_row_stride + w * cout + 0:NV * lanes],
+// m < MR: the block stays in registers over the whole rectangle of pixels. The
+// accumulators are named variables, not an array: GCC stored an array of them
+// back to the stack after every pixel.
 template <class T, int MR, int NV>
-inline void RowBlock(const float* x, int64_t cin, const float* g, int64_t cout, int64_t width,
-                     float* acc, int64_t acc_stride) {
+inline void RegisterBlock(const float* x, int64_t x_row_stride, int64_t cin, const float* g,
+                          int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width,
+                          float* acc, int64_t acc_stride) {
   static_assert(MR >= 1 && MR <= T::kMaxMR && MR <= 12 && (NV == 1 || NV == 2),
                 "block is MR x NV vectors");
   using V = typename T::V;
@@ -94,6 +97,7 @@ inline void RowBlock(const float* x, int64_t cin, const float* g, int64_t cout, 
   SCOAT_LOAD(0) SCOAT_LOAD(1) SCOAT_LOAD(2) SCOAT_LOAD(3) SCOAT_LOAD(4) SCOAT_LOAD(5)
   SCOAT_LOAD(6) SCOAT_LOAD(7) SCOAT_LOAD(8) SCOAT_LOAD(9) SCOAT_LOAD(10) SCOAT_LOAD(11)
 #undef SCOAT_LOAD
+  for (int64_t r = 0; r < rows; ++r, x += x_row_stride, g += g_row_stride) {
   for (int64_t w = 0; w < width; ++w) {
     const float* xw = x + w * cin;
     const V g0 = T::Load(g + w * cout);
@@ -108,6 +112,7 @@ inline void RowBlock(const float* x, int64_t cin, const float* g, int64_t cout, 
     SCOAT_FMA(6) SCOAT_FMA(7) SCOAT_FMA(8) SCOAT_FMA(9) SCOAT_FMA(10) SCOAT_FMA(11)
 #undef SCOAT_FMA
   }
+  }
 #define SCOAT_STORE(m)                                                  \
   if constexpr (MR > m) {                                               \
     T::Store(acc + m * acc_stride, c##m##0);                            \
@@ -118,7 +123,7 @@ inline void RowBlock(const float* x, int64_t cin, const float* g, int64_t cout, 
 #undef SCOAT_STORE
 }
 
-// RowBlock<T, mr, NV> over `rows` rows of a chunk, for a run-time 1 <= mr <= T::kMaxMR.
+// RegisterBlock<T, mr, NV> for a run-time 1 <= mr <= T::kMaxMR.
 template <class T, int NV>
 void Block(int mr, const float* x, int64_t x_row_stride, int64_t cin, const float* g,
            int64_t g_row_stride, int64_t cout, int64_t rows, int64_t width, float* acc,
@@ -126,10 +131,8 @@ void Block(int mr, const float* x, int64_t x_row_stride, int64_t cin, const floa
 #define SCOAT_BLOCK(M)                                                                 \
   case M:                                                                              \
     if constexpr (M <= T::kMaxMR) {                                                    \
-      for (int64_t r = 0; r < rows; ++r) {                                             \
-        RowBlock<T, M, NV>(x + r * x_row_stride, cin, g + r * g_row_stride, cout, width, \
-                           acc, acc_stride);                                           \
-      }                                                                                \
+      RegisterBlock<T, M, NV>(x, x_row_stride, cin, g, g_row_stride, cout, rows, width, \
+                              acc, acc_stride);                                         \
     }                                                                                  \
     break;
   switch (mr) {
@@ -144,27 +147,33 @@ void Block(int mr, const float* x, int64_t x_row_stride, int64_t cin, const floa
 // convolution's zero padding is implicit: tap (i, j) reads input pixel
 // (h + i - KH/2, w + j - KW/2) for output pixel (h, w), so it sums over the
 // output pixels whose input pixel lies inside the image, a rectangle, and
-// the pixels that would read the padding add nothing. Per tap, dW goes in
-// blocks of up to Wide::kMaxMR input channels by two, then one, wide vectors
-// of output channels; the last 8 output channels of a C_out of 16k + 8 on an
-// AVX-512 build take the AVX2 block.
+// the pixels that would read the padding add nothing.
+//
+// dW goes in blocks of up to Wide::kMaxMR input channels by two, then one,
+// wide vectors of output channels (the last 8 output channels of a C_out of
+// 16k + 8 on an AVX-512 build take the AVX2 block). The input-channel block is
+// the outer loop and the taps the inner one: the chunk's g, the few cache
+// lines of x that hold the block's channels, and the block's rows of dW for
+// every tap then stay in the core's caches while the taps sweep them, however
+// many channels x has (tap-outer, the whole of x's chunk and of dW went
+// through the caches once per tap).
 void AccumulateChunk(const Problem& p, int64_t b, int64_t h0, int64_t h1, float* acc) {
   constexpr int64_t kWideCols = Wide::kLanes;
   const int64_t x_row_stride = p.width * p.cin;
   const int64_t g_row_stride = p.width * p.cout;
-  for (int64_t i = 0; i < p.kh; ++i) {
-    const int64_t di = i - p.kh / 2;
-    const int64_t row0 = std::max(h0, -di), row1 = std::min(h1, p.height - di);
-    for (int64_t j = 0; j < p.kw && row0 < row1; ++j) {
-      const int64_t dj = j - p.kw / 2;
-      const int64_t col0 = std::max<int64_t>(0, -dj), col1 = std::min(p.width, p.width - dj);
-      if (col0 >= col1) continue;
-      const int64_t rows = row1 - row0, cols = col1 - col0;
-      const float* x_tap = p.x + ((b * p.height + row0 + di) * p.width + col0 + dj) * p.cin;
-      const float* g_tap = p.g + ((b * p.height + row0) * p.width + col0) * p.cout;
-      float* acc_tap = acc + (i * p.kw + j) * p.cin * p.cout;
-      for (int64_t c = 0; c < p.cin; c += Wide::kMaxMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(Wide::kMaxMR, p.cin - c));
+  for (int64_t c = 0; c < p.cin; c += Wide::kMaxMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(Wide::kMaxMR, p.cin - c));
+    for (int64_t i = 0; i < p.kh; ++i) {
+      const int64_t di = i - p.kh / 2;
+      const int64_t row0 = std::max(h0, -di), row1 = std::min(h1, p.height - di);
+      for (int64_t j = 0; j < p.kw && row0 < row1; ++j) {
+        const int64_t dj = j - p.kw / 2;
+        const int64_t col0 = std::max<int64_t>(0, -dj), col1 = std::min(p.width, p.width - dj);
+        if (col0 >= col1) continue;
+        const int64_t rows = row1 - row0, cols = col1 - col0;
+        const float* x_tap = p.x + ((b * p.height + row0 + di) * p.width + col0 + dj) * p.cin;
+        const float* g_tap = p.g + ((b * p.height + row0) * p.width + col0) * p.cout;
+        float* acc_tap = acc + (i * p.kw + j) * p.cin * p.cout;
         const auto block = [&](auto isa, auto nv, int64_t c0, int block_mr, int64_t o) {
           Block<decltype(isa), decltype(nv)::value>(
               block_mr, x_tap + c0, x_row_stride, p.cin, g_tap + o, g_row_stride, p.cout, rows,
