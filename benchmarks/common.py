@@ -55,6 +55,8 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 
 def setup(args):
   """Imports JAX, turns on the compilation cache, returns the benchmark mesh."""
+  from scoat_jax import host_memory
+  host_memory.keep_freed_memory()  # as the training and prediction tools do
   import jax
   from scoat_jax import compilation_cache, parallel
   compilation_cache.enable(args.compilation_cache_dir)

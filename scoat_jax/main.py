@@ -36,6 +36,8 @@ def main(argv):
   if config is None:
     _fail("--config (or --flagfile=launch/<name>.cfg) is required.")
 
+  from scoat_jax import host_memory
+  host_memory.keep_freed_memory()  # before JAX starts its threads
   import jax  # Imported here so that --help is fast.
   from scoat_jax import compilation_cache, parallel
   compilation_cache.enable(config.compilation_cache_dir)

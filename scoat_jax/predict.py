@@ -607,6 +607,8 @@ def cli(argv: Sequence[str], call: Callable[[], object], *, required: Sequence[s
   for name in required:
     if not getattr(flags.FLAGS, name):
       fail(f"--{name} is required (python -m scoat_jax.{tool} --help).")
+  from scoat_jax import host_memory
+  host_memory.keep_freed_memory()  # before JAX starts its threads
   try:
     if compilation_cache_dir is not None:
       from scoat_jax import compilation_cache
