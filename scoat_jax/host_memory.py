@@ -9,12 +9,13 @@ per 256-px step on the 2-core machine, a quarter of its CPU time.
 
 `keep_freed_memory` tells glibc to serve every thread from its main heap, to
 never use `mmap` for large blocks, and never to give freed heap back to the
-system. The next call then reuses the pages of the last. The cost is that the
-process keeps its peak host memory until it exits, which a training or
-prediction process reaches again on its next step anyway.
+system. The next call then reuses the pages of the last. The cost is memory:
+the process holds its high-water mark until it exits, and a large block that no
+longer fits the hole it left grows the heap once more (BUILD.md: a 512-px
+prediction loop settled at 4.6 GiB against 2.3 GiB without).
 
 Only the command-line entry points call it (training, prediction, follow-up,
-benchmarks), before JAX starts its threads: a library import must not change
+report, benchmarks), before JAX starts its threads: a library import must not change
 the allocator of the program importing it. It does nothing outside glibc
 (macOS, musl) and when `SCOAT_JAX_KEEP_HOST_MEMORY=0`.
 """
