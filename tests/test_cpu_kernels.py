@@ -135,6 +135,26 @@ def test_build_failure_falls_back_with_one_warning(tmp_path, monkeypatch):
     cpu_kernels.available.cache_clear()
 
 
+def test_compiler_messages_need_not_be_ascii(tmp_path, monkeypatch):
+  # GCC quotes names with UTF-8 quotation marks, which once crashed the build
+  # with UnicodeDecodeError in a process whose locale had become ASCII. Here a
+  # compiler prints those and a byte that is not UTF-8 at all, then compiles,
+  # or fails.
+  if shutil.which("c++") is None:
+    pytest.skip("no c++ on PATH")
+  noisy = tmp_path / "noisy-c++"
+  noisy.write_bytes(b"#!/bin/sh\nprintf '\\342\\200\\230x\\342\\200\\231: warning \\377\\n' >&2\n"
+                    b"exec c++ \"$@\"\n")
+  noisy.chmod(0o755)
+  monkeypatch.setenv("SCOAT_JAX_KERNEL_DIR", str(tmp_path / "kernels"))
+  monkeypatch.setenv("CXX", str(noisy))
+  assert cpu_kernels.build().exists()
+  monkeypatch.setenv("SCOAT_JAX_KERNEL_DIR", str(tmp_path / "failing"))
+  noisy.write_bytes(b"#!/bin/sh\nprintf 'x.cc:1: error: \\342\\200\\230y\\342\\200\\231 \\377\\n' >&2\nexit 1\n")
+  with pytest.raises(cpu_kernels.KernelBuildError, match="error: \u2018y\u2019"):
+    cpu_kernels.build()
+
+
 def test_same_result_on_every_run():
   # Each thread sums a fixed range of rows and the ranges are added in order,
   # so thread timing cannot change the float sums (train runs stay repeatable).

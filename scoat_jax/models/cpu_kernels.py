@@ -109,10 +109,14 @@ def build() -> Path:
   os.close(fd)
   try:
     result = subprocess.run([compiler, *_compile_flags(), str(SOURCE), "-o", tmp],
-                            capture_output=True, text=True)
+                            capture_output=True)
+    # GCC quotes names with UTF-8 quotation marks under a UTF-8 locale, while
+    # Python's locale encoding can be ASCII by then (a C library imported
+    # earlier may have called setlocale): decode the bytes ourselves.
+    stderr = result.stderr.decode("utf-8", errors="replace")
     if result.returncode != 0:
-      first_error = next((line for line in result.stderr.splitlines() if "error" in line),
-                         result.stderr.strip()[-300:])
+      first_error = next((line for line in stderr.splitlines() if "error" in line),
+                         stderr.strip()[-300:])
       raise KernelBuildError(f"{compiler} failed on {SOURCE.name}: {first_error}")
     os.replace(tmp, library)
   finally:
