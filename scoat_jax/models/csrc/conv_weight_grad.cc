@@ -98,20 +98,20 @@ inline void RegisterBlock(const float* x, int64_t x_row_stride, int64_t cin, con
   SCOAT_LOAD(6) SCOAT_LOAD(7) SCOAT_LOAD(8) SCOAT_LOAD(9) SCOAT_LOAD(10) SCOAT_LOAD(11)
 #undef SCOAT_LOAD
   for (int64_t r = 0; r < rows; ++r, x += x_row_stride, g += g_row_stride) {
-  for (int64_t w = 0; w < width; ++w) {
-    const float* xw = x + w * cin;
-    const V g0 = T::Load(g + w * cout);
-    const V g1 = NV == 2 ? T::Load(g + w * cout + L) : g0;
+    for (int64_t w = 0; w < width; ++w) {
+      const float* xw = x + w * cin;
+      const V g0 = T::Load(g + w * cout);
+      const V g1 = NV == 2 ? T::Load(g + w * cout + L) : g0;
 #define SCOAT_FMA(m)                                        \
   if constexpr (MR > m) {                                   \
     const V b = T::Broadcast(xw + m);                       \
     c##m##0 = T::Fma(b, g0, c##m##0);                       \
     if constexpr (NV == 2) c##m##1 = T::Fma(b, g1, c##m##1); \
   }
-    SCOAT_FMA(0) SCOAT_FMA(1) SCOAT_FMA(2) SCOAT_FMA(3) SCOAT_FMA(4) SCOAT_FMA(5)
-    SCOAT_FMA(6) SCOAT_FMA(7) SCOAT_FMA(8) SCOAT_FMA(9) SCOAT_FMA(10) SCOAT_FMA(11)
+      SCOAT_FMA(0) SCOAT_FMA(1) SCOAT_FMA(2) SCOAT_FMA(3) SCOAT_FMA(4) SCOAT_FMA(5)
+      SCOAT_FMA(6) SCOAT_FMA(7) SCOAT_FMA(8) SCOAT_FMA(9) SCOAT_FMA(10) SCOAT_FMA(11)
 #undef SCOAT_FMA
-  }
+    }
   }
 #define SCOAT_STORE(m)                                                  \
   if constexpr (MR > m) {                                               \
@@ -166,7 +166,8 @@ void AccumulateChunk(const Problem& p, int64_t b, int64_t h0, int64_t h1, float*
     for (int64_t i = 0; i < p.kh; ++i) {
       const int64_t di = i - p.kh / 2;
       const int64_t row0 = std::max(h0, -di), row1 = std::min(h1, p.height - di);
-      for (int64_t j = 0; j < p.kw && row0 < row1; ++j) {
+      if (row0 >= row1) continue;
+      for (int64_t j = 0; j < p.kw; ++j) {
         const int64_t dj = j - p.kw / 2;
         const int64_t col0 = std::max<int64_t>(0, -dj), col1 = std::min(p.width, p.width - dj);
         if (col0 >= col1) continue;
