@@ -96,7 +96,7 @@ def _align_corners_matrix(n):
   """(2n, n) interpolation matrix of align-corners x2 up-sampling, by definition."""
   m = np.zeros((2 * n, n))
   for o in range(2 * n):
-    s = o * (n - 1) / (2 * n - 1) if n > 1 else 0.0
+    s = o * (n - 1) / (2 * n - 1)
     lo = int(np.floor(s))
     hi = min(lo + 1, n - 1)
     m[o, lo] += 1 - (s - lo)
