@@ -3,9 +3,10 @@
 `csrc/conv_weight_grad.cc` computes dL/dkernel of a stride-1 'same'
 convolution with AVX2 (or, where the compiler targets it, AVX-512) fused
 multiply-adds on all of XLA's intra-op threads (see that file). XLA's CPU
-backend runs the same long-contraction product on one thread: on a 2-core AVX2
-machine the kernel is 1.7-5.6x faster for the 32-64-channel rows of SCOAT-Net,
-and 1.7-7x on a 2-core AVX-512 one (BUILD.md has the tables).
+backend runs the same long-contraction product on one thread: for the
+32-64-channel rows of SCOAT-Net the kernel is 1.7-5.6x faster than the per-tap
+XLA dots on a 2-core AVX2 machine, and 1.7-4.9x on a 2-core AVX-512 one
+(BUILD.md has the tables).
 
 The kernel is compiled with the system's C++ compiler the first time it is
 needed (a few seconds) into `~/.cache/scoat_jax/kernels/<source hash>/`
