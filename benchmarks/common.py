@@ -28,7 +28,8 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--devices", type=int, default=1,
                  help="data-parallel devices (on CPU, fakes this many host devices)")
   p.add_argument("--widths", default="32,64,128,256,512", help="channel widths of the 5 rows")
-  p.add_argument("--fast_cpu_grad", default="on", help="on, off or on,off (CPU only)")
+  p.add_argument("--cpu_weight_grad", default="auto",
+                 help="CPU weight-gradient path(s): auto, native, taps, xla, comma-separated")
   p.add_argument("--deep_supervision", default="mean", choices=("mean", "last", "none"))
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--repeats", type=int, default=5)
@@ -42,23 +43,27 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     # Only affects the host (CPU) platform; harmless on GPU machines.
-    from scoat_jax import parallel  # imports JAX, which reads XLA_FLAGS only at first use
+    from scoat_jax.common import parallel  # imports JAX, which reads XLA_FLAGS only at first use
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                                parallel.fake_cpu_devices_xla_flags(args.devices)).strip()
   args.sizes = [int(s) for s in args.size.split(",")]
   args.batches = [int(b) for b in args.batch.split(",")]
   args.dtypes = args.dtype.split(",")
-  args.fast = [{"on": True, "off": False}[f] for f in args.fast_cpu_grad.split(",")]
+  args.weight_grads = args.cpu_weight_grad.split(",")
+  bad = [w for w in args.weight_grads if w not in ("auto", "native", "taps", "xla")]
+  if bad:
+    p.error(f"--cpu_weight_grad={args.cpu_weight_grad}: {bad[0]!r} is not auto, native, taps or xla")
   args.width_tuple = tuple(int(w) for w in args.widths.split(","))
   return args
 
 
 def setup(args):
   """Imports JAX, turns on the compilation cache, returns the benchmark mesh."""
-  from scoat_jax import host_memory
+  from scoat_jax.common import host_memory
   host_memory.keep_freed_memory()  # as the training and prediction tools do
   import jax
-  from scoat_jax import compilation_cache, parallel
+  from scoat_jax.common import compilation_cache
+  from scoat_jax.common import parallel
   compilation_cache.enable(args.compilation_cache_dir)
   devices = jax.devices()
   if len(devices) < args.devices:
@@ -151,13 +156,13 @@ def report(rows: list[dict], *, as_json: bool, title: str) -> None:
   """Prints a Markdown table (to stderr when --json: stdout then holds only JSON lines)."""
   out = sys.stderr if as_json else sys.stdout
   print(f"\n{title}", file=out)
-  print("| size | batch | dtype | fast CPU grad | compile (s) | step median (s) | min | max "
+  print("| size | batch | dtype | CPU weight grad | compile (s) | step median (s) | min | max "
         "| slices/s | GFLOP/step | achieved GFLOP/s | peak RSS (GiB) | peak device (GiB) |", file=out)
   print("|" + "---|" * 13, file=out)
   for r in rows:
     gflop = r["flops_per_step"] / 1e9 if r["flops_per_step"] else None
     rate = r["flop_per_s"] / 1e9 if r["flop_per_s"] else None
-    print(f"| {r['size']} | {r['batch']} | {r['dtype']} | { {True: 'on', False: 'off'}.get(r['fast_cpu_grad'], '-')} "
+    print(f"| {r['size']} | {r['batch']} | {r['dtype']} | {r.get('cpu_weight_grad') or '-'} "
           f"| {r['compile_s']:.1f} | {r['step_s_median']:.3f} | {r['step_s_min']:.3f} "
           f"| {r['step_s_max']:.3f} | {r['slices_per_s']:.2f} | {_fmt(gflop, '.0f')} "
           f"| {_fmt(rate, '.1f')} | {r['peak_rss_gib']:.2f} | {_fmt(r['peak_device_gib'], '.2f')} |",

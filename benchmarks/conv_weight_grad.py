@@ -42,7 +42,7 @@ def main(argv=None) -> int:
   p.add_argument("--json", action="store_true", help="print one JSON line per shape, last")
   args = p.parse_args(argv)
 
-  from scoat_jax import host_memory
+  from scoat_jax.common import host_memory
   host_memory.keep_freed_memory()  # as the training and prediction tools do
   import jax
   import jax.numpy as jnp

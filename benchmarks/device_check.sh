@@ -1,27 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check, prepared for one call of the `device` tool (an H100 or H200; its time
-# limits add up to 8 min 40 s: 240 + 70 + 40 + 80 + 90), most wanted figures first:
+# The GPU check: one script for an H100 or H200 machine (its stage time limits add
+# up to 8 min 40 s: 240 + 70 + 40 + 80 + 90), most wanted figures first:
 #
 #   1. the train-step benchmark at 512x512, float32 and bfloat16 (batch 8 by default);
 #   2. the forward-only benchmark at 512x512 (batch 32), bfloat16 and float32;
 #   3. `python -m scoat_jax.predict` on a 300-slice 512x512 phantom scan, timed;
 #   4. the GPU-relevant tests (model, conv, losses, schedule, data parallel).
 #
-# First run (H200, JAX 0.11.2, 2026-11-27): compiling the full-size train step took
-# 60 s (float32, batch 8), 100 s (bfloat16, batch 8) and over 190 s (bfloat16, batch
-# 32), so the issue's grid (batch 8, 16 and 32 in both dtypes) cannot fit one call:
-# SCOAT_CHECK_BATCHES=8,16,32 asks for it anyway. SCOAT_CHECK_XLA_FLAGS is passed as
-# XLA_FLAGS to the benchmarks (e.g. --xla_gpu_autotune_level=0, to see what the
-# compile time is made of).
+# Compiling the full-size train step takes 60-190 s on an H200 (benchmarks/README.md),
+# so by default it runs batch 8; SCOAT_CHECK_BATCHES=8,16,32 asks for the grid.
+# SCOAT_CHECK_XLA_FLAGS is passed as XLA_FLAGS to the benchmarks (e.g.
+# --xla_gpu_autotune_level=0, to see what the compile time is made of).
 #
-# The tool brings back at most 8 files from $OUT, so $OUT holds summary.txt, the two
-# benchmarks' JSON lines (*.jsonl) and logs.tgz (every log, refreshed after each
-# step, so a call cut off by its limit still returns what finished). A step that
-# fails or runs out of its time slot is recorded in summary.txt and the next one runs.
+# $OUT receives summary.txt, the two benchmarks' JSON lines (*.jsonl) and logs.tgz
+# (every log, refreshed after each step, so a run cut off by its limit still leaves
+# what finished). A step that fails or runs out of its time slot is recorded in
+# summary.txt and the next one runs. The packages beyond jax, flax, optax, orbax,
+# absl, scipy and matplotlib are installed from wheels in .whl/ when present.
 #
-# On the device machine (its image has jax, flax, optax, orbax, absl, scipy,
-# matplotlib; carry the rest as wheels, see BUILD.md "GPU check"):
-#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=580)
 # Tried end to end on a CPU with tiny sizes:
 #   OUT=/tmp/check SCOAT_CHECK_TINY=1 SCOAT_CHECK_TIME_SCALE=4 bash benchmarks/device_check.sh
 set -uo pipefail
@@ -71,17 +67,17 @@ cp "$WORK/predict_bench.out" "$OUT/predict_bench.jsonl"
 step volume_setup 40 $PY - "$WORK/vol" "$SCAN" "$WIDTHS" "$SIZE" <<'EOF'
 import json, pathlib, sys, time, types
 import jax, jax.numpy as jnp, numpy as np
-from scoat_jax import checkpoints, train
+from scoat_jax import checkpoints, models
 from scoat_jax.configs import default
 from scoat_jax.data import phantom
 root, scan, widths, size = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 shape = tuple(int(s) for s in scan.split(","))
 c = default.get_config()
-c.widths, c.data.image_size = tuple(int(w) for w in widths.split(",")), size
-model = train.create_model(c)
+c.model.widths, c.data.image_size = tuple(int(w) for w in widths.split(",")), size
+model = models.create_model(c)
 with jax.default_device(jax.devices("cpu")[0]):
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1)), train=False),
-                      compiler_options=train.INIT_COMPILER_OPTIONS)(jax.random.key(0))
+                      compiler_options={"xla_backend_optimization_level": 0})(jax.random.key(0))
 for dtype in ("float32", "bfloat16"):  # parameters stay float32; the config sets the compute
   c.dtype = dtype
   work = root / f"ckpt_{dtype}"

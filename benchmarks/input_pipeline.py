@@ -22,7 +22,7 @@ import time
 
 import tensorflow_datasets as tfds
 
-from scoat_jax import input_pipeline
+from scoat_jax.training import input_pipeline
 from scoat_jax.configs import default
 from scoat_jax.datasets import build
 

@@ -24,25 +24,28 @@ import common  # noqa: E402  (the benchmarks folder is not a package)
 def bench_one(args, *, mesh, size: int, batch: int, dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
-  from scoat_jax import evaluation, parallel, train
+  from scoat_jax.evaluation import validation
+  from scoat_jax.common import parallel
+  from scoat_jax import models
   from scoat_jax.configs import default
 
   config = default.get_config()
-  config.model, config.widths, config.dtype = args.model, args.width_tuple, dtype
+  config.model_name, config.model.widths, config.dtype = args.model, args.width_tuple, dtype
   config.deep_supervision = args.deep_supervision
   parallel.check_batch_size(batch, mesh, flag="--batch")
-  model = train.create_model(config)
+  model = models.create_model(config)
+  # Initialisation compiled without optimisation, as in training.
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1)), train=False),
-                      compiler_options=train.INIT_COMPILER_OPTIONS)(jax.random.key(0))
+                      compiler_options={"xla_backend_optimization_level": 0})(jax.random.key(0))
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  predict = evaluation.make_predict_fn(model.apply, num_classes=config.num_classes,
+  predict = validation.make_predict_fn(model.apply, num_classes=config.num_classes,
                                        average_heads=False, mesh=mesh)
   images = np.random.default_rng(0).random((batch, size, size, 1), dtype=np.float32)
   images = jax.device_put(images, parallel.data_sharding(mesh))
   timing = common.compile_and_time(predict, (variables, images), warmup=args.warmup,
                                    repeats=args.repeats)
   return common.summarize({"benchmark": "predict", "model": args.model, "size": size,
-                           "batch": batch, "dtype": dtype, "fast_cpu_grad": None,
+                           "batch": batch, "dtype": dtype, "cpu_weight_grad": None,
                            "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
 
 

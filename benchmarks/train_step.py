@@ -1,11 +1,11 @@
 """Times SCOAT-Net's training step (forward, backward, Adam) on random slices.
 
-  python benchmarks/train_step.py --size=128,256,512 --batch=2 --fast_cpu_grad=on,off
+  python benchmarks/train_step.py --size=128,256,512 --batch=2 --cpu_weight_grad=auto,xla
   python benchmarks/train_step.py --size=512 --batch=8,16,32 --dtype=float32,bfloat16 --json
   python benchmarks/train_step.py --devices=4 --size=64 --widths=8,16,32,64,128
-  SCOAT_JAX_NATIVE_KERNELS=0 python benchmarks/train_step.py ...   # per-tap XLA gradient only
+  python benchmarks/train_step.py --cpu_weight_grad=taps ...   # per-tap XLA gradient only
 
-The step is `scoat_jax.train.train_step` under the same jit, shardings and
+The step is `scoat_jax.training.optimization.train_step` under the same jit, shardings and
 donation as training (state replicated, batch sharded over `--devices`), with
 the paper's loss (BCE-Dice, deep supervision averaged over four heads). Inputs
 are random images with random square lesions; their values do not change the
@@ -33,39 +33,42 @@ def random_batch(batch: int, size: int, seed: int = 0) -> dict:
   return {"image": image, "mask": mask}
 
 
-def bench_one(args, *, mesh, size: int, batch: int, dtype: str, fast: bool) -> dict:
+def bench_one(args, *, mesh, size: int, batch: int, dtype: str, weight_grad: str) -> dict:
   import jax
-  from scoat_jax import parallel, train
+  from scoat_jax.common import parallel
+  from scoat_jax import models
   from scoat_jax.configs import default
   from scoat_jax.models import cpu_kernels
-  from scoat_jax.schedule import paper_schedule
+  from scoat_jax.training import optimization
+  from scoat_jax.training.schedule import paper_schedule
 
   config = default.get_config()
-  config.model, config.widths, config.dtype = args.model, args.width_tuple, dtype
-  config.fast_cpu_grad, config.deep_supervision = fast, args.deep_supervision
+  config.model_name, config.model.widths, config.dtype = args.model, args.width_tuple, dtype
+  config.cpu_weight_grad, config.deep_supervision = weight_grad, args.deep_supervision
   config.data.image_size = size
   parallel.check_batch_size(batch, mesh, flag="--batch")
-  model = train.create_model(config)
-  tx = train.create_optimizer(paper_schedule(steps_per_epoch=100))
-  state = train.create_train_state(config, model, tx, jax.random.key(0), mesh)
-  step = train.make_train_step(config, mesh)
+  model = models.create_model(config)
+  tx = optimization.create_optimizer(paper_schedule(steps_per_epoch=100))
+  state = optimization.create_train_state(config, model, tx, jax.random.key(0), mesh)
+  step = optimization.make_train_step(config, mesh)
   data = jax.device_put(random_batch(batch, size), parallel.data_sharding(mesh))
   step_args = (state, data, jax.random.key(1))
   # XLA counts a loop body once and a custom call not at all, so the fast
   # weight gradients would hide most of their FLOPs: count the model's
   # arithmetic on the native convolution instead (same maths, same FLOPs).
-  config.fast_cpu_grad = False
-  native_state = state.replace(apply_fn=train.create_model(config).apply)
-  native = train.make_train_step(config, mesh).lower(native_state, *step_args[1:])
+  config.cpu_weight_grad = "xla"
+  native_state = state.replace(apply_fn=models.create_model(config).apply)
+  native = optimization.make_train_step(config, mesh).lower(native_state, *step_args[1:])
   flops = common.xla_flops(native)  # None on GPU: then the compiled step's (the same convs)
   timing = common.compile_and_time(step, step_args, warmup=args.warmup, repeats=args.repeats,
                                    carry=lambda out, a: (out[0],) + a[1:], flops=flops)
   return common.summarize({"benchmark": "train_step", "model": args.model, "size": size,
-                           "batch": batch, "dtype": dtype, "fast_cpu_grad": fast,
+                           "batch": batch, "dtype": dtype, "cpu_weight_grad": weight_grad,
                            # Whether the native CPU kernel was built and usable here;
                            # which convolutions take it depends on their sizes
                            # (`cpu_kernels.faster_than_xla`).
-                           "native_cpu_kernel_available": fast and cpu_kernels.usable(),
+                           "native_cpu_kernel_available": (weight_grad in ("auto", "native")
+                                                           and cpu_kernels.usable()),
                            "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
 
 
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
   mesh = common.setup(args)
   common.run_grid(functools.partial(bench_one, args), mesh,
                   {"size": args.sizes, "batch": args.batches, "dtype": args.dtypes,
-                   "fast": args.fast},
+                   "weight_grad": args.weight_grads},
                   as_json=args.json, title=f"train step, {args.model} widths {args.widths}")
   return 0
 

@@ -27,12 +27,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from scoat_jax import configs
+
 BEST_METRIC = "val_dsc"
 # Config fields that may differ when a run is resumed: they do not change what
 # is trained, only where data comes from and how the run is logged or launched.
 RESUMABLE_FIELDS = frozenset({
     "data.data_dir", "data.worker_count", "log_every_steps", "compilation_cache_dir",
-    "distributed", "num_overlays", "max_steps", "eval_batch_size", "fast_cpu_grad",
+    "distributed", "num_overlays", "max_steps", "eval_batch_size", "cpu_weight_grad",
 })
 
 
@@ -69,7 +71,12 @@ def check_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict
   path = workdir / "config.json"
   new = config_to_dict(config)
   if path.exists():
-    old_flat, new_flat = _flatten(json.loads(path.read_text())), _flatten(new)
+    try:
+      old = configs.upgrade(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{path}: cannot read the run's config ({str(e).splitlines()[0]}); "
+                            "choose a new --workdir, or pass --overwrite to delete that run.") from None
+    old_flat, new_flat = _flatten(old), _flatten(new)
     diff = sorted(k for k in set(old_flat) | set(new_flat)
                   if k not in RESUMABLE_FIELDS and old_flat.get(k) != new_flat.get(k))
     if diff and not overwrite:
@@ -161,6 +168,35 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
   return path / str(step)
 
 
+def read_meta(step_dir: str | pathlib.Path) -> dict:
+  """The meta JSON of a saved step, its config in the current schema (`configs.upgrade`).
+
+  Meta written before `intensity` was stored gets it from the dataset name
+  (COVID-SemiSeg is the one 8-bit dataset).
+
+  Raises:
+    CheckpointError: no readable meta, or one without a training config.
+  """
+  step_dir = pathlib.Path(step_dir)
+  path = step_dir / "meta" / "metadata"
+  try:
+    meta = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{step_dir}: cannot read its meta JSON {path} ({type(e).__name__}); "
+                          "pass a step saved by scoat_jax training.") from None
+  if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+    raise CheckpointError(f"{step_dir}: its meta JSON holds no training config; pass a step "
+                          "saved by scoat_jax training.")
+  try:
+    meta["config"] = configs.upgrade(meta["config"])
+  except ValueError as e:
+    raise CheckpointError(f"{step_dir}: {e}") from None
+  if "intensity" not in meta:
+    name = str(meta["config"].get("data", {}).get("name", ""))
+    meta["intensity"] = "uint8" if name.partition("/")[0] == "covid_semiseg" else "hu"
+  return meta
+
+
 def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], dict]:
   """Loads `{'params', 'batch_stats'}` and the meta JSON of a saved step.
 
@@ -171,15 +207,10 @@ def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], dict]:
   Returns:
     (variables, meta) with NumPy leaves, ready for `model.apply`.
   """
-  step_dir = resolve_step_dir(path)
-  meta_path = step_dir / "meta" / "metadata"
-  variables = read_weights(step_dir)
-  try:
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{meta_path}: cannot read ({type(e).__name__}); the checkpoint "
-                          f"may be damaged.") from None
-  return variables, meta
+  with quiet_orbax():
+    step_dir = resolve_step_dir(path)
+  meta = read_meta(step_dir)
+  return read_weights(step_dir), meta
 
 
 class _DropOrbaxNoise(py_logging.Filter):

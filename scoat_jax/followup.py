@@ -1,335 +1,24 @@
-"""Follow-up of one patient: lung opacification over time (paper Fig. 6).
+r"""Follow-up of one patient: lung opacification over time (paper Fig. 6).
 
     python -m scoat_jax.followup --checkpoint=runs/demo --input=patient_scans/ --output=out/
     python -m scoat_jax.followup --checkpoint=runs/demo --dates=scans.csv --output=out/
     python -m scoat_jax.followup --reports=predicted/ [--dates=scans.csv] --output=out/
 
-Each scan is segmented and quantified as by `scoat_jax.predict` (its masks and
-`<name>_report.json` land in --output), or, with --reports, the reports a
-previous `predict` run wrote are read instead. The date of each scan comes
-from --dates, a CSV of `path,date` rows (header optional; a header naming
-`path` and `date` may place them in any column, as in the phantom's
-cohort.csv; paths relative to the CSV; dates YYYYMMDD or YYYY-MM-DD; rows of
-other scans are ignored), or else from the DICOM StudyDate. A scan without a
-date is an error, raised before anything is written, as are DICOM scans of
-different patients (PatientID).
-
-Writes `followup.csv`, `followup.md` (the same table: date, day, scan, LOV,
-lung volume, POI, lesions, change of LOV; GGO and consolidation for 3-class
-models) and `followup.png` (LOV and POI against the date, one panel each).
+What it reads and writes: `scoat_jax.inference.followup`. Exit status:
+`scoat_jax.common.cli`.
 """
-from __future__ import annotations
-
-import csv
-import datetime
-import io
-import json
 import pathlib
-from collections.abc import Sequence
 
-import matplotlib
+from absl import flags
 
-matplotlib.use("Agg")  # files only; no display needed (servers, CI)
-import matplotlib.pyplot as plt  # noqa: E402
+from scoat_jax import predict
+from scoat_jax.common import cli
+from scoat_jax.inference import followup
 
-from scoat_jax import fileio, predict  # noqa: E402
-
-OUTPUTS = ("followup.csv", "followup.md", "followup.png")
-
-
-class FollowupError(ValueError):
-  """A bad follow-up request (dates, patients, inputs)."""
-
-
-def parse_date(text: str, where: str) -> datetime.date:
-  """'20200315' or '2020-03-15' -> date; FollowupError naming `where` otherwise."""
-  text = str(text).strip()
-  for fmt in ("%Y%m%d", "%Y-%m-%d"):
-    try:
-      return datetime.datetime.strptime(text, fmt).date()
-    except ValueError:
-      pass
-  raise FollowupError(f"{where}: date {text!r} is not YYYYMMDD or YYYY-MM-DD; fix it, e.g. 2020-03-15.")
-
-
-def read_dates(path: str | pathlib.Path) -> dict[pathlib.Path, datetime.date]:
-  """Reads a CSV of scan paths and dates into {resolved path: date}.
-
-  Rows are `path,date`; a header row naming `path` and `date` columns may put
-  them anywhere (e.g. the phantom's cohort.csv). Relative paths are relative
-  to the CSV's folder.
-
-  Raises:
-    FollowupError: missing file, a row without both fields, a bad date, or a
-      path listed twice.
-  """
-  path = pathlib.Path(path).expanduser()
-  try:
-    text = path.read_text(encoding="utf-8")
-  except OSError as e:
-    raise FollowupError(f"--dates={path}: cannot read it ({e.strerror}); give a CSV of "
-                        "path,date rows.") from None
-  out: dict[pathlib.Path, datetime.date] = {}
-  columns = (0, 1)
-  for n, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-    if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-      continue
-    header = [c.strip().lower() for c in row]
-    if not out and "path" in header and "date" in header:
-      columns = (header.index("path"), header.index("date"))
-      continue
-    if len(row) <= max(columns) or not row[columns[0]].strip():
-      raise FollowupError(f"{path}:{n}: expected 'path,date', got {','.join(row)!r}.")
-    scan = pathlib.Path(row[columns[0]].strip()).expanduser()
-    scan = (scan if scan.is_absolute() else path.parent / scan).resolve()
-    if scan in out:
-      raise FollowupError(f"{path}:{n}: {row[columns[0]].strip()} is listed twice; keep one row "
-                          "per scan.")
-    out[scan] = parse_date(row[columns[1]], f"{path}:{n}")
-  if not out:
-    raise FollowupError(f"--dates={path}: holds no 'path,date' row.")
-  return out
-
-
-def _dicom_tag(directory: pathlib.Path, tag: str) -> str | None:
-  """A tag of the first file of the DICOM series in `directory` (header only)."""
-  import SimpleITK as sitk
-  files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory))
-  if not files:
-    return None
-  reader = sitk.ImageFileReader()
-  reader.SetFileName(files[0])
-  reader.ReadImageInformation()
-  return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else None
-
-
-def _dates_for(items: Sequence[predict.Item], dates: dict) -> dict[str, datetime.date]:
-  """Date of every item (CSV first, else DICOM StudyDate); FollowupError if one has none."""
-  out, patients = {}, {}
-  for item in items:
-    key = item.path.resolve()
-    if item.path.is_dir():
-      pid = _dicom_tag(item.path, "0010|0020")
-      if pid:
-        patients[pid] = item.path
-    if key in dates:
-      out[item.name] = dates[key]
-      continue
-    study = _dicom_tag(item.path, "0008|0020") if item.path.is_dir() else None
-    if not study:
-      raise FollowupError(f"{item.path}: no date: it is not a DICOM series with a StudyDate; list "
-                          "it in --dates=<CSV of path,date>.")
-    out[item.name] = parse_date(study, f"{item.path} (DICOM StudyDate)")
-  _check_one_patient(patients)
-  return out
-
-
-def _check_one_patient(patients: dict) -> None:
-  if len(patients) > 1:
-    shown = ", ".join(f"{pid} ({p})" for pid, p in sorted(patients.items())[:3])
-    raise FollowupError(f"the scans belong to {len(patients)} patients ({shown}); a follow-up is "
-                        "one patient's scans: run it per patient.")
-
-
-def check_outputs(output: pathlib.Path, overwrite: bool) -> None:
-  existing = [output / n for n in OUTPUTS if (output / n).exists()]
-  if existing and not overwrite:
-    raise FollowupError(f"--output={output}: holds an earlier follow-up ({existing[0].name}); "
-                        "choose a new folder or pass --overwrite.")
-
-
-def table(reports: Sequence[dict], dates: dict[str, datetime.date]) -> list[dict]:
-  """Rows of the follow-up table, sorted by date.
-
-  Args:
-    reports: predict reports (with 'name', 'lov_ml', 'lung_volume_ml',
-      'poi_percent', 'num_lesions', optional 'class_volumes_ml').
-    dates: {report name: date}.
-
-  Returns:
-    One dict per scan: date, day (since the first scan), scan, lov_ml,
-    lung_volume_ml, poi_percent, num_lesions, lov_change_ml (vs the previous
-    scan; None for the first), and ggo_ml / consolidation_ml with 3 classes.
-  """
-  if not reports:
-    raise FollowupError("no scan to follow up; give at least one.")
-  rows = sorted(reports, key=lambda r: (dates[r["name"]], r["name"]))
-  first = dates[rows[0]["name"]]
-  out, previous = [], None
-  for r in rows:
-    if r.get("lov_ml") is None:
-      raise FollowupError(f"{r.get('input', r['name'])}: a 2-D slice has no volume; follow-up "
-                          "needs CT volumes.")
-    row = {"date": dates[r["name"]].isoformat(), "day": (dates[r["name"]] - first).days,
-           "scan": r["name"], "lov_ml": r["lov_ml"], "lung_volume_ml": r.get("lung_volume_ml"),
-           "poi_percent": r.get("poi_percent"), "num_lesions": r.get("num_lesions"),
-           "lov_change_ml": None if previous is None else r["lov_ml"] - previous}
-    if "class_volumes_ml" in r:
-      row["ggo_ml"] = r["class_volumes_ml"]["ggo"]
-      row["consolidation_ml"] = r["class_volumes_ml"]["consolidation"]
-    previous = r["lov_ml"]
-    out.append(row)
-  return out
-
-
-def _cell(v, digits=2) -> str:
-  if v is None:
-    return ""
-  if isinstance(v, float):
-    return f"{v:.{digits}f}"
-  return str(v)
-
-
-_HEADERS = {"date": "Date", "day": "Day", "scan": "Scan", "lov_ml": "LOV (ml)",
-            "lung_volume_ml": "Lung (ml)", "poi_percent": "POI (%)", "num_lesions": "Lesions",
-            "lov_change_ml": "LOV change (ml)", "ggo_ml": "GGO (ml)",
-            "consolidation_ml": "Consolidation (ml)"}
-
-
-def write_table(rows: list[dict], output: pathlib.Path, title: str = "") -> None:
-  """Writes followup.csv (full precision) and followup.md (2 decimals), atomically."""
-  keys = list(rows[0])
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-  writer.writeheader()
-  writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
-  csv_text = buf.getvalue()
-  lines = [f"# {title}", ""] if title else []
-  lines.append("| " + " | ".join(_HEADERS.get(k, k) for k in keys) + " |")
-  lines.append("|" + "|".join("---" if k in ("date", "scan") else "---:" for k in keys) + "|")
-  for r in rows:
-    lines.append("| " + " | ".join(_cell(r[k]) for k in keys) + " |")
-  md_text = "\n".join(lines) + "\n"
-  for name, text in (("followup.csv", csv_text), ("followup.md", md_text)):
-    fileio.write_text(text, output / name)
-
-
-def plot(rows: list[dict], path: pathlib.Path, title: str = "") -> pathlib.Path:
-  """LOV (ml, top) and POI (%, bottom) against the scan date, ticks at the scans.
-
-  Two panels rather than two y axes: with a constant lung volume the two
-  curves have the same shape and would hide each other.
-  """
-  dates = [datetime.date.fromisoformat(r["date"]) for r in rows]
-  series = [("lov_ml", "LOV (ml)", "o-", "tab:blue"), ("poi_percent", "POI (%)", "s-", "tab:red")]
-  fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True, layout="constrained")
-  for ax, (key, label, style, colour) in zip(axes, series):
-    points = [(d, r[key]) for d, r in zip(dates, rows) if r[key] is not None]
-    if points:
-      ax.plot([d for d, _ in points], [v for _, v in points], style, color=colour)
-      for d, v in points:
-        ax.annotate(f"{v:.1f}", (d, v), textcoords="offset points", xytext=(0, 6), ha="center",
-                    fontsize=8)
-      top = max(v for _, v in points)
-    else:
-      ax.text(0.5, 0.5, "not available (no lung mask)", transform=ax.transAxes, ha="center")
-      top = 1.0
-    ax.set_ylim(0, 1.2 * max(top, 1e-3))   # headroom for the labels above the points
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-  axes[1].set_xticks(dates, [f"{d.isoformat()}\nday {r['day']}" for d, r in zip(dates, rows)],
-                     fontsize=8)
-  pad = datetime.timedelta(days=max(1, (dates[-1] - dates[0]).days // 12))
-  axes[1].set_xlim(dates[0] - pad, dates[-1] + pad)
-  axes[1].set_xlabel("scan date")
-  axes[0].set_title(title or "Follow-up", fontsize=10)
-  try:
-    fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-  finally:
-    plt.close(fig)
-  return path
-
-
-def _reports_from(folder: pathlib.Path) -> list[dict]:
-  files = sorted(folder.glob("*_report.json"))
-  if not files:
-    raise FollowupError(f"--reports={folder}: holds no *_report.json; run scoat_jax.predict first.")
-  out = []
-  for f in files:
-    try:
-      report = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-      report = None
-    if not isinstance(report, dict) or not {"name", "input", "lov_ml"} <= set(report):
-      raise FollowupError(f"{f}: not a scoat_jax.predict report; remove it or re-run predict.")
-    out.append(report)
-  return out
-
-
-def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None = None,
-        dates_csv: str | None = None, reports_dir: str | None = None, tta: bool = False,
-        overwrite: bool = False, batch_size: int = 0, progress: bool = True) -> list[dict]:
-  """Builds the follow-up table and plot; the programmatic form of the CLI.
-
-  Args:
-    output: results folder.
-    checkpoints: models to segment the scans with (predict mode).
-    input_path: a folder of the patient's scans (or one scan); with --dates
-      alone, the CSV's scans are used.
-    dates_csv: CSV of path,date.
-    reports_dir: read existing predict reports instead of predicting.
-    tta, overwrite, batch_size, progress: as in `scoat_jax.predict.run`.
-
-  Returns:
-    The table rows.
-  """
-  output = pathlib.Path(output).expanduser()
-  dates = read_dates(dates_csv) if dates_csv else {}
-  if output.exists() and not output.is_dir():
-    raise FollowupError(f"--output={output}: is a file; give a folder.")
-  check_outputs(output, overwrite)
-  if reports_dir:
-    if checkpoints or input_path:
-      raise FollowupError("--reports reads earlier predictions: drop --checkpoint and --input.")
-    reports = _reports_from(pathlib.Path(reports_dir).expanduser())
-    named = {}
-    for r in reports:
-      key = pathlib.Path(r["input"]).resolve()
-      if key in dates:
-        named[r["name"]] = dates[key]
-      elif r.get("dicom", {}).get("study_date"):
-        named[r["name"]] = parse_date(r["dicom"]["study_date"], f"{r['input']} (DICOM StudyDate)")
-      else:
-        raise FollowupError(f"{r['input']}: no date: list it in --dates=<CSV of path,date>.")
-    _check_one_patient({r["dicom"]["patient_id"]: r["input"] for r in reports
-                        if r.get("dicom", {}).get("patient_id")})
-    output.mkdir(parents=True, exist_ok=True)
-  else:
-    if not checkpoints:
-      raise FollowupError("give --checkpoint (to segment the scans) or --reports (earlier results).")
-    if input_path:
-      # Rows for other scans are ignored (one CSV may serve a whole cohort); a
-      # scan of --input without a row needs a DICOM StudyDate.
-      items = predict.discover_inputs(input_path)
-    elif dates:
-      items = []
-      for p in dates:
-        found = predict.discover_inputs(p)
-        if len(found) != 1 or found[0].kind != "volume":
-          raise FollowupError(f"--dates lists {p}, which is not one CT scan (a file or a DICOM "
-                              "series folder); list each scan on its own row.")
-        items += found
-      names = [i.name for i in items]
-      if len(set(names)) != len(names):
-        raise FollowupError("--dates lists two scans with the same name; rename one.")
-    else:
-      raise FollowupError("give --input (a folder of the patient's scans) or --dates (a CSV of "
-                          "path,date).")
-    if any(i.kind == "image" for i in items):
-      raise FollowupError("follow-up needs CT volumes; 2-D slice images have no volume.")
-    named = _dates_for(items, dates)
-    reports = predict.run(checkpoints, input_path or "", str(output), tta=tta, overwrite=overwrite,
-                          batch_size=batch_size, progress=progress, items=items)
-  rows = table(reports, named)
-  pid = next((r["dicom"]["patient_id"] for r in reports if r.get("dicom", {}).get("patient_id")), "")
-  title = f"Follow-up of {pid}" if pid else "Follow-up"
-  write_table(rows, output, title)
-  plot(rows, output / "followup.png", title)
-  return rows
+FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  from absl import flags
   flags.DEFINE_multi_string("checkpoint", None, "Model(s) to segment with (see scoat_jax.predict).")
   flags.DEFINE_string("input", None, "Folder of one patient's scans (files or DICOM folders).")
   flags.DEFINE_string("dates", None, "CSV of path,date (YYYYMMDD or YYYY-MM-DD); default: DICOM "
@@ -337,13 +26,11 @@ def define_flags() -> None:
   flags.DEFINE_string("reports", None, "Use the *_report.json of an earlier predict run instead "
                       "of segmenting.")
   flags.DEFINE_string("output", None, "Results folder.")
-  predict.define_run_flags()
+  predict.define_segment_flags()
 
 
 def main(argv):
-  from absl import flags
-  FLAGS = flags.FLAGS
-  predict.cli(argv, lambda: run(
+  cli.run(argv, lambda: followup.run(
       FLAGS.output, checkpoints=FLAGS.checkpoint or (), input_path=FLAGS.input,
       dates_csv=FLAGS.dates, reports_dir=FLAGS.reports, tta=FLAGS.tta,
       overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size),
@@ -351,7 +38,11 @@ def main(argv):
       compilation_cache_dir=FLAGS.compilation_cache_dir)
 
 
-if __name__ == "__main__":
-  from absl import app
+def console_main() -> None:
+  """The `scoat-followup` console command."""
   define_flags()
-  app.run(main)
+  cli.run_command(main)
+
+
+if __name__ == "__main__":
+  console_main()

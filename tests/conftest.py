@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from scoat_jax import parallel  # noqa: E402
+from scoat_jax.common import parallel  # noqa: E402
 
 # Four fake CPU devices: inference shards slices over them, and the batch-size
 # checks see a multi-device mesh (single-device tests are unaffected: jit
@@ -30,6 +30,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 # The shared tiny dataset, trained checkpoint and their helpers (fixtures for all modules).
 pytest_plugins = ("trained_checkpoint",)
 
-# Where the real COVID-SemiSeg slices live, relative to the project root.
-SEMISEG_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-semiseg-train"
+# Where the real COVID-SemiSeg slices live: $SCOAT_JAX_SEMISEG_DIR, or by default
+# beside the checkout (BUILD.md, "Tests").
+SEMISEG_DIR = pathlib.Path(os.environ.get(
+    "SCOAT_JAX_SEMISEG_DIR",
+    pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-semiseg-train"))
 

@@ -22,7 +22,7 @@ os.environ.setdefault("PJRT_NPROC", "8")
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scoat_jax import parallel  # noqa: E402
+from scoat_jax.common import parallel  # noqa: E402
 
 os.environ["XLA_FLAGS"] = parallel.fake_cpu_devices_xla_flags(4, collective_timeout_s=120)
 

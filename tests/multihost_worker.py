@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scoat_jax import parallel  # noqa: E402
+from scoat_jax.common import parallel  # noqa: E402
 
 # Read when JAX creates its CPU backend (first use, below), not at import.
 os.environ["XLA_FLAGS"] = parallel.fake_cpu_devices_xla_flags(2)

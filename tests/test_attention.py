@@ -7,7 +7,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from trained_checkpoint import SCAN_SHAPE, test_scan, write_rotated_nifti
-from scoat_jax import attention, infer, predict
+from scoat_jax.inference import segment
+from scoat_jax.inference import attention
+from scoat_jax import inference
 from scoat_jax.models import layers
 
 # Shares the tiny trained checkpoint with the other inference tests (one worker).
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.xdist_group("tiny_training")
 
 @pytest.fixture(scope="module")
 def model(trained_workdir):
-  return infer.load_model(trained_workdir)
+  return inference.load_model(trained_workdir)
 
 
 def _conv1x1(x, p):
@@ -29,7 +31,7 @@ def _bn(x, p, s):
 
 def test_sam_1_1_is_the_papers_gate_on_x_1_0_and_up_x_2_0(model):
   scan = test_scan()
-  predictor = infer.Predictor([model])
+  predictor = inference.Predictor([model])
   x = predictor.prepare(scan.hu[4], "hu")[None, :, :, None]
   maps = attention.sam_maps(model.model, model.variables, x)
   s = model.image_size
@@ -72,10 +74,10 @@ def test_maps_go_back_onto_the_slice_grid():
 def test_predict_writes_overlays_for_chosen_slices(shifted_workdir, tmp_path):
   write_rotated_nifti(test_scan(), tmp_path / "scan.nii.gz")
   with pytest.raises(ValueError, match="beyond"):
-    predict.run([str(shifted_workdir)], str(tmp_path / "scan.nii.gz"), str(tmp_path / "no"),
+    segment.run([str(shifted_workdir)], str(tmp_path / "scan.nii.gz"), str(tmp_path / "no"),
                 save_attention=True, attention_slices=[2, SCAN_SHAPE[0]], progress=False)
   assert not (tmp_path / "no").exists()
-  [report] = predict.run([str(shifted_workdir)], str(tmp_path / "scan.nii.gz"),
+  [report] = segment.run([str(shifted_workdir)], str(tmp_path / "scan.nii.gz"),
                          str(tmp_path / "out"), save_attention=True, attention_slices=[2, 5],
                          progress=False)
   assert report["outputs"]["attention"] == ["scan_attention_z0002.png", "scan_attention_z0005.png"]
@@ -85,7 +87,7 @@ def test_predict_writes_overlays_for_chosen_slices(shifted_workdir, tmp_path):
       pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 10            # not a blank figure
   # Default: the slice with the most predicted opacity.
-  [report] = predict.run([str(shifted_workdir)], str(tmp_path / "scan.nii.gz"),
+  [report] = segment.run([str(shifted_workdir)], str(tmp_path / "scan.nii.gz"),
                          str(tmp_path / "auto"), save_attention=True, progress=False)
   [name] = report["outputs"]["attention"]
   mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "auto" / "scan_mask.nii.gz")))

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoat_jax import train
+from scoat_jax.training import optimization
 from scoat_jax.models import conv as conv_lib
-from scoat_jax.models import get_model
+from scoat_jax.models import get_model, make_conv
 
 
 def _rel(a, b):
@@ -74,11 +74,11 @@ def test_weight_grad_matches_numpy_loop(cin, cout):
 def test_model_gradients_match_with_and_without_fast_grad():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
   kwargs = dict(widths=(4, 8, 16, 32, 64), deep_supervision=True)
-  fast = get_model("scoat_net", fast_cpu_grad=True, **kwargs)
-  native = get_model("scoat_net", fast_cpu_grad=False, **kwargs)
-  # Initialisation compiles unoptimised (3x faster; as in train.create_train_state).
+  fast = get_model("scoat_net", conv=make_conv("taps"), **kwargs)
+  native = get_model("scoat_net", conv=make_conv("xla"), **kwargs)
+  # Initialisation compiles unoptimised (3x faster; as in optimization.create_train_state).
   variables = jax.jit(lambda k: fast.init(k, x, train=False),
-                      compiler_options=train.INIT_COMPILER_OPTIONS)(jax.random.key(1))
+                      compiler_options=optimization.INIT_COMPILER_OPTIONS)(jax.random.key(1))
 
   def grads(model):
     def loss(params):

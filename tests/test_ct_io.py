@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scoat_jax.data import ct_io
+from scoat_jax.data import ct_io, dicom_writer
 
 _C, _S = np.cos(np.deg2rad(30.0)), np.sin(np.deg2rad(30.0))
 DIRECTIONS = {
@@ -74,7 +74,7 @@ def test_dicom_round_trip(tmp_path, direction):
   hu = _volume((4, 6, 7))
   hu[0, 0, 0], hu[-1, -1, -1] = -2048, 31743  # the extremes int16 storage allows
   geometry = _geometry(hu, direction)
-  out = ct_io.write_dicom_series(hu,
+  out = dicom_writer.write_dicom_series(hu,
                                  geometry,
                                  tmp_path / "series",
                                  patient_id="P7",
@@ -116,7 +116,7 @@ def test_dicom_left_handed_reads_back_as_physically_identical_volume(tmp_path):
   hu = _volume((4, 5, 6))
   geometry = _geometry(hu, "flipped_z")
   back = ct_io.read_ct(
-      ct_io.write_dicom_series(hu, geometry, tmp_path / "s", patient_id="P", study_date="20200101"))
+      dicom_writer.write_dicom_series(hu, geometry, tmp_path / "s", patient_id="P", study_date="20200101"))
   np.testing.assert_array_equal(back.hu, hu[::-1])
   assert np.linalg.det(back.geometry.direction_matrix) > 0
   # Voxel (i, j, k) of the original sits where voxel (i, j, n-1-k) of the copy sits.
@@ -128,13 +128,13 @@ def test_dicom_left_handed_reads_back_as_physically_identical_volume(tmp_path):
 def test_dicom_directory_with_two_series(tmp_path):
   hu = _volume((3, 4, 5))
   geometry = _geometry(hu, "flipped_xy")
-  ct_io.write_dicom_series(hu,
+  dicom_writer.write_dicom_series(hu,
                            geometry,
                            tmp_path / "a",
                            patient_id="P",
                            study_date="20200101",
                            series_description="a")
-  ct_io.write_dicom_series(hu + 1,
+  dicom_writer.write_dicom_series(hu + 1,
                            geometry,
                            tmp_path / "b",
                            patient_id="P",
@@ -156,26 +156,26 @@ def test_dicom_writer_refuses_existing_and_bad_date_and_cleans_up(tmp_path, monk
   hu = _volume((3, 4, 5))
   geometry = _geometry(hu, "flipped_xy")
   out = tmp_path / "s"
-  ct_io.write_dicom_series(hu, geometry, out, patient_id="P", study_date="20200101")
+  dicom_writer.write_dicom_series(hu, geometry, out, patient_id="P", study_date="20200101")
   with pytest.raises(ct_io.CTError, match="already exists") as e:
-    ct_io.write_dicom_series(hu, geometry, out, patient_id="P", study_date="20200101")
+    dicom_writer.write_dicom_series(hu, geometry, out, patient_id="P", study_date="20200101")
   assert str(out) in str(e.value)
   with pytest.raises(ct_io.CTError, match="YYYYMMDD"):
-    ct_io.write_dicom_series(hu, geometry, tmp_path / "t", patient_id="P", study_date="2020-01-01")
+    dicom_writer.write_dicom_series(hu, geometry, tmp_path / "t", patient_id="P", study_date="2020-01-01")
   with pytest.raises(ct_io.CTError, match="does not fit int16") as e:
-    ct_io.write_dicom_series(hu.astype(np.int32) + 40000,
+    dicom_writer.write_dicom_series(hu.astype(np.int32) + 40000,
                              geometry,
                              tmp_path / "t",
                              patient_id="P",
                              study_date="20200101")
   assert str(tmp_path / "t") in str(e.value)
   with pytest.raises(ct_io.CTError, match="NaN"):
-    ct_io.write_dicom_series(np.full(hu.shape, np.nan),
+    dicom_writer.write_dicom_series(np.full(hu.shape, np.nan),
                              geometry,
                              tmp_path / "t",
                              patient_id="P",
                              study_date="20200101")
-  ct_io.write_dicom_series(hu + 5,
+  dicom_writer.write_dicom_series(hu + 5,
                            geometry,
                            out,
                            patient_id="P",
@@ -194,7 +194,7 @@ def test_dicom_writer_refuses_existing_and_bad_date_and_cleans_up(tmp_path, monk
   original = sitk.ImageFileWriter.Execute
   monkeypatch.setattr(sitk.ImageFileWriter, "Execute", failing_execute)
   with pytest.raises(ct_io.CTError, match="could not write"):
-    ct_io.write_dicom_series(hu, geometry, tmp_path / "half", patient_id="P", study_date="20200101")
+    dicom_writer.write_dicom_series(hu, geometry, tmp_path / "half", patient_id="P", study_date="20200101")
   assert not (tmp_path / "half").exists() and _leftovers(tmp_path) == []
 
 
@@ -243,7 +243,7 @@ def test_empty_dicom_directory(tmp_path):
 def test_corrupt_file(tmp_path):
   path = tmp_path / "broken.nii.gz"
   path.write_bytes(np.random.default_rng(0).bytes(2000))
-  with pytest.raises(ct_io.CTError, match="unreadable or corrupt") as e:
+  with pytest.raises(ct_io.CTError, match="corrupt or truncated file") as e:
     ct_io.read_ct(path)
   assert str(path) in str(e.value)
 
@@ -355,7 +355,7 @@ def test_geometry_validation_and_volume():
 
 def test_dicom_missing_slice(tmp_path):
   hu = _volume((5, 4, 5))
-  out = ct_io.write_dicom_series(hu,
+  out = dicom_writer.write_dicom_series(hu,
                                  _geometry(hu, "flipped_xy"),
                                  tmp_path / "s",
                                  patient_id="P",

@@ -36,9 +36,11 @@ import jax
 import numpy as np
 import pytest
 
-from scoat_jax import parallel, train
+from scoat_jax import models
+from scoat_jax.common import parallel
+from scoat_jax.training import optimization
 from scoat_jax.configs import default
-from scoat_jax.schedule import paper_schedule
+from scoat_jax.training.schedule import paper_schedule
 
 WORKER = pathlib.Path(__file__).with_name("data_parallel_worker.py")
 XLA_STALL = "Termination timeout"   # XLA's message when it aborts a stalled collective
@@ -47,7 +49,7 @@ WORKER_TIMEOUT_S = 1200   # a backstop: XLA itself aborts a stalled collective a
 
 def _config():
   config = default.get_config()
-  config.widths = (4, 8, 16, 32, 64)
+  config.model.widths = (4, 8, 16, 32, 64)
   config.data.image_size = 32
   config.batch_size = 8
   return config
@@ -73,11 +75,11 @@ def one_step(config, devices, local_batch=None, tx=None):
   Returns host copies of (loss, gradients, updated params, updated batch stats).
   """
   mesh = parallel.make_mesh(devices)
-  model = train.create_model(config)
-  tx = tx or train.create_optimizer(paper_schedule(steps_per_epoch=10))
-  state = train.create_train_state(config, model, tx, jax.random.key(0), mesh)
+  model = models.create_model(config)
+  tx = tx or optimization.create_optimizer(paper_schedule(steps_per_epoch=10))
+  state = optimization.create_train_state(config, model, tx, jax.random.key(0), mesh)
   batch = parallel.global_batch(_batch(config) if local_batch is None else local_batch, mesh)
-  new_state, metrics = train.make_train_step(config, mesh, with_grads=True)(
+  new_state, metrics = optimization.make_train_step(config, mesh, with_grads=True)(
       state, batch, jax.random.key(1))
   return _host((metrics["loss"], metrics["grads"], new_state.params, new_state.batch_stats))
 

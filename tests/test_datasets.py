@@ -13,7 +13,7 @@ from conftest import SEMISEG_DIR
 from scoat_jax import datasets
 from scoat_jax.data import ct_io
 from scoat_jax.datasets import base, build
-from scoat_jax.lung_mask import lung_mask
+from scoat_jax.data.lung_mask import lung_mask
 
 tfds.disable_progress_bar()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ def test_cli_exit_status_and_not_built_message(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "scoat_jax.datasets.build", "covid_semiseg",
                          f"--manual_dir={tmp_path / 'missing'}", f"--data_dir={out}"],
                         capture_output=True, text=True, cwd=REPO, timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       f"error: --manual_dir={tmp_path / 'missing'} is not a folder; pass the folder holding the input "
       "files (--manual_dir=<folder with Imgs/ and GT/>)"]
@@ -263,7 +263,7 @@ def test_ct_volumes_bad_inputs(tmp_path):
 
   d = _msd(tmp_path / "e", labels)
   (d / "imagesTr" / "case1_0000.nii.gz").write_bytes(b"\x1f\x8b garbage")
-  _expect_error(tmp_path, "ct_volumes", d, r"case1_0000\.nii\.gz: unreadable or corrupt image")
+  _expect_error(tmp_path, "ct_volumes", d, r"case1_0000\.nii\.gz: corrupt or truncated file")
 
   d = _msd(tmp_path / "f", {c: np.zeros(SHAPE, np.uint8) for c in labels})
   _expect_error(tmp_path, "ct_volumes", d, r"ct_volumes/default_opacity: no slice was kept; check the "

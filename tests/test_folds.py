@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from scoat_jax import folds
+from scoat_jax.data import folds
 
 
 def _cases(n):

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from trained_checkpoint import SCAN_SHAPE
-from scoat_jax import followup
-from scoat_jax.data import ct_io, phantom
+from scoat_jax.inference import followup
+from scoat_jax.data import ct_io, dicom_writer, phantom
 
 # Shares the tiny trained checkpoint with the other inference tests (one worker).
 pytestmark = pytest.mark.xdist_group("tiny_training")
@@ -68,7 +68,7 @@ def patient_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("patient")
   scans = [phantom.generate_scan(3, 1, t, shape=SCAN_SHAPE) for t in range(3)]
   for name, scan in zip(("c_late", "a_first", "b_mid"), (scans[2], scans[0], scans[1])):
-    ct_io.write_dicom_series(scan.hu, scan.geometry, root / name, patient_id=scan.patient_id,
+    dicom_writer.write_dicom_series(scan.hu, scan.geometry, root / name, patient_id=scan.patient_id,
                              study_date=scan.study_date)
   return root, scans
 
@@ -123,7 +123,7 @@ def test_refusals_write_nothing(shifted_workdir, patient_dir, tmp_path):
   other = tmp_path / "two_patients"
   other.mkdir()
   for k, pid in enumerate(("P1", "P2")):
-    ct_io.write_dicom_series(scans[k].hu, scans[k].geometry, other / pid, patient_id=pid,
+    dicom_writer.write_dicom_series(scans[k].hu, scans[k].geometry, other / pid, patient_id=pid,
                              study_date="20200101")
   cases = {
       "no date": (dict(input_path=str(nifti)), "no date.*--dates"),

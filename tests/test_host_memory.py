@@ -11,7 +11,7 @@ import pytest
 # page faults of the second round. 256 MiB is 65,536 pages of 4 KiB.
 _CHILD = r"""
 import ctypes, ctypes.util, resource, threading
-from scoat_jax import host_memory
+from scoat_jax.common import host_memory
 applied = host_memory.keep_freed_memory()
 assert host_memory.keep_freed_memory() == applied  # a second call changes nothing
 libc = ctypes.CDLL(ctypes.util.find_library("c"))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoat_jax import losses
+from scoat_jax.training import losses
 
 EPS = 1e-6
 BINARY = ("mae", "bce", "dice", "iou", "focal", "bce_dice")

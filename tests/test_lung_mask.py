@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from scoat_jax import lung_mask as lm
+from scoat_jax.data import lung_mask as lm
 from scoat_jax.data import phantom
 
 

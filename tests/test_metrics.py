@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from scoat_jax import metrics
+from scoat_jax.evaluation import metrics
 
 KEYS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 

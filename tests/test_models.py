@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from scoat_jax import train
+from scoat_jax.training import optimization
 from scoat_jax.models import available_models, count_params, get_model, layers
 
 TINY = (4, 8, 16, 32, 64)
@@ -163,9 +163,9 @@ def test_unknown_model_and_bad_argument():
 def tiny_model_and_variables():
   model = get_model("scoat_net", num_classes=1, deep_supervision=True, widths=TINY)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
-  # Initialisation compiles unoptimised (3x faster; as in train.create_train_state).
+  # Initialisation compiles unoptimised (3x faster; as in optimization.create_train_state).
   variables = jax.jit(functools.partial(model.init, train=False),
-                      compiler_options=train.INIT_COMPILER_OPTIONS)(jax.random.key(0), x)
+                      compiler_options=optimization.INIT_COMPILER_OPTIONS)(jax.random.key(0), x)
   return model, variables, x
 
 

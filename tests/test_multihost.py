@@ -3,7 +3,7 @@ devices each, take the same train step as one process with four devices.
 
 Opt-in (`SCOAT_JAX_MULTIHOST_TEST=1`): three processes compiling SCOAT-Net on
 a 2-core machine take ~4 minutes, a third of the suite's budget. BUILD.md
-gives the command; run it when touching parallel.py or the train step.
+gives the command; run it when changing parallel.py or the train step.
 """
 import os
 import pathlib

@@ -149,13 +149,19 @@ def test_write_scan_round_trip(tmp_path, fmt):
   phantom.write_scan(scan, tmp_path, fmt=fmt, overwrite=True)
 
 
-def test_cli_writes_cohort_and_refuses_overwrite(tmp_path, capsys):
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "scoat_jax.data.phantom", *args],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_cohort_and_refuses_overwrite(tmp_path):
   out = tmp_path / "cohort"
   args = [
       "--out",
       str(out), "--patients", "1", "--timepoints", "2", "--shape", "16,64,64", "--format", "nrrd"
   ]
-  assert phantom.main(args) == 0
+  first = _cli(*args)
+  assert first.returncode == 0, first.stderr
   with open(out / "cohort.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["timepoint"] for r in rows] == ["0", "1"]
@@ -167,10 +173,15 @@ def test_cli_writes_cohort_and_refuses_overwrite(tmp_path, capsys):
     np.testing.assert_array_equal(ct_io.read_ct(out / r["path"]).hu, scan.hu)
     assert (out / r["label_path"]).exists() and (out / r["lung_path"]).exists()
   before = sorted(p.name for p in out.iterdir())
-  assert phantom.main(args) == 2
-  assert "--overwrite" in capsys.readouterr().err
+  again = _cli(*args)
+  assert again.returncode == 2
+  [line] = again.stderr.strip().splitlines()
+  assert line.startswith("error: ") and "--overwrite" in line
   assert sorted(p.name for p in out.iterdir()) == before
-  assert phantom.main(args + ["--overwrite"]) == 0
+  assert _cli(*args, "--overwrite").returncode == 0
+  bad = _cli(f"--out={tmp_path / 'bad'}", "--shape=8,x,32")
+  assert bad.returncode == 2 and bad.stderr.startswith("error: --shape=8,x,32")
+  assert not (tmp_path / "bad").exists()
 
 
 def test_cli_as_module(tmp_path):

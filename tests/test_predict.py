@@ -15,8 +15,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from trained_checkpoint import SCAN_SHAPE, save_checkpoint, test_scan, write_rotated_nifti
-from scoat_jax import infer, input_pipeline, predict
-from scoat_jax.data import ct_io, phantom
+from scoat_jax.inference import segment
+from scoat_jax import inference
+from scoat_jax.data import ct_io, dicom_writer, phantom, preprocess
 from scoat_jax.data.intensity import normalize
 
 # Shares the tiny trained checkpoint with the other inference tests (one worker).
@@ -32,52 +33,26 @@ def _files(folder):
 
 # ----------------------------------------------------------------------------- warp and stream
 
-def test_unwarp_hand_computed():
-  # A 2x4 slice letterboxed into 8x8: zoom 2, rows padded by 2 above and below, so
-  # slice pixel (i, j) sits at model coordinate (2i + 2.5, 2j + 0.5).
-  grid = np.arange(64, dtype=np.float32).reshape(8, 8)          # value 8r + c
-  i, j = np.mgrid[:2, :4]
-  np.testing.assert_allclose(infer.unwarp(grid, (2, 4), order=1), 16 * i + 2 * j + 20.5, atol=1e-5)
-  blocks = (10 * (np.arange(8)[:, None] // 2) + np.arange(8)[None, :] // 2).astype(np.uint8)
-  np.testing.assert_array_equal(infer.unwarp(blocks, (2, 4), order=0), 10 * (i + 1) + j)
-  # A tall slice: the padding is on the left and right instead.
-  np.testing.assert_array_equal(infer.unwarp(blocks.T.copy(), (4, 2), order=0), (10 * (i + 1) + j).T)
-  same = np.arange(16, dtype=np.uint8).reshape(4, 4)
-  assert infer.unwarp(same, (4, 4), order=0) is same
-
-
-@pytest.mark.parametrize("shape,size", [((16, 32), 64), ((40, 24), 80)])
-def test_unwarp_inverts_the_training_letterbox(shape, size):
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 3, shape).astype(np.uint8)
-  _, warped = input_pipeline.warp(rng.random(shape).astype(np.float32), labels, size)
-  back = infer.unwarp(warped.astype(np.uint8), shape, order=0)
-  assert back.shape == shape and back.dtype == np.uint8
-  # The training warp zeroes samples beyond the outermost pixel centres (scipy's
-  # 'constant' mode), so the slice's border is compared apart.
-  np.testing.assert_array_equal(back[1:-1, 1:-1], labels[1:-1, 1:-1])
-  assert np.mean(back == labels) > 0.9
-
-
 @pytest.fixture(scope="module")
 def model(trained_workdir):
-  return infer.load_model(trained_workdir)
+  return inference.load_model(trained_workdir)
 
 
 @pytest.fixture(scope="module")
 def shifted(shifted_workdir):
-  return infer.load_model(shifted_workdir)
+  return inference.load_model(shifted_workdir)
 
 
 def test_checkpoint_from_workdir_checkpoints_folder_or_step(trained_workdir, model):
   step_dir = model.step_dir
   assert step_dir.parent == trained_workdir.absolute() / "checkpoints"
   for path in (trained_workdir / "checkpoints", step_dir):
-    other = infer.load_model(path)
+    other = inference.load_model(path)
     assert other.step_dir == step_dir and other.step == model.step
     for a, b in zip(jax.tree_util.tree_leaves(other.variables), jax.tree_util.tree_leaves(model.variables)):
       np.testing.assert_array_equal(a, b)
-  assert model.describe()["image_size"] == 32 and model.describe()["widths"] == [4, 8, 16, 32, 64]
+  assert model.describe()["image_size"] == 32
+  assert model.describe()["model_config"]["widths"] == [4, 8, 16, 32, 64]
 
 
 @functools.lru_cache
@@ -91,7 +66,7 @@ def _reference(models, image, *, tta=False):
   total = 0.0
   for m in models:
     apply = _jitted_apply(m.model)
-    x, _ = input_pipeline.prepare_slice(image, np.zeros(image.shape, np.uint8), source="hu",
+    x, _ = preprocess.prepare_slice(image, np.zeros(image.shape, np.uint8), source="hu",
                                         window=m.hu_window, size=m.image_size, num_classes=1)
     xs = [x[None, :, :, None]] + ([x[None, :, ::-1, None]] if tta else [])
     for k, xi in enumerate(xs):
@@ -105,23 +80,23 @@ def _reference(models, image, *, tta=False):
 def test_predict_matches_plain_reference_single_and_tta_ensemble(model, shifted):
   scan = test_scan()
   for models, tta in (([shifted], False), ([model, shifted], True)):
-    labels, prob = infer.Predictor(models, tta=tta).predict_volume(scan.hu, with_probability=True)
+    labels, prob = inference.Predictor(models, tta=tta).predict_volume(scan.hu, with_probability=True)
     if not tta:
       assert 0.15 < labels.mean() < 0.6, "the shifted model should label part of the scan"
     for z in (0, 3, 7):
       ref_labels, ref_prob = _reference(models, scan.hu[z], tta=tta)
-      np.testing.assert_allclose(prob[z], infer.unwarp(ref_prob.astype(np.float32),
+      np.testing.assert_allclose(prob[z], preprocess.unwarp(ref_prob.astype(np.float32),
                                                        SCAN_SHAPE[1:], order=1), atol=2e-5)
       # Labels are thresholded on the model grid and taken back by nearest neighbour
       # (pixels within float rounding of p = 0.5 may go either way).
-      want = infer.unwarp(ref_labels, SCAN_SHAPE[1:], order=0)
-      tie = infer.unwarp((np.abs(ref_prob - 0.5) < 1e-4).astype(np.uint8), SCAN_SHAPE[1:],
+      want = preprocess.unwarp(ref_labels, SCAN_SHAPE[1:], order=0)
+      tie = preprocess.unwarp((np.abs(ref_prob - 0.5) < 1e-4).astype(np.uint8), SCAN_SHAPE[1:],
                          order=0) > 0
       np.testing.assert_array_equal(labels[z][~tie], want[~tie])
 
 
 def test_predict_slices_streams_with_bounded_memory(shifted):
-  predictor = infer.Predictor([shifted])
+  predictor = inference.Predictor([shifted])
   scan = test_scan()
   pulled = []
 
@@ -152,7 +127,7 @@ def scans(tmp_path_factory):
   root = tmp_path_factory.mktemp("scans")
   scan = test_scan()
   write_rotated_nifti(scan, root / "oblique.nii.gz")
-  ct_io.write_dicom_series(scan.hu, scan.geometry, root / "series", patient_id="P1",
+  dicom_writer.write_dicom_series(scan.hu, scan.geometry, root / "series", patient_id="P1",
                            study_date="20200311")
   return root, scan
 
@@ -161,7 +136,7 @@ def test_masks_keep_the_input_geometry_nifti_and_dicom(shifted_workdir, scans, t
   root, scan = scans
   for name, source in (("oblique", root / "oblique.nii.gz"), ("series", root / "series")):
     out = tmp_path / name
-    [report] = predict.run([str(shifted_workdir)], str(source), str(out), save_probabilities=True,
+    [report] = segment.run([str(shifted_workdir)], str(source), str(out), save_probabilities=True,
                            progress=False)
     want = ct_io.read_ct(source).geometry
     for kind in ("mask", "probability"):
@@ -206,7 +181,7 @@ def test_folder_of_png_slices(shifted_workdir, tmp_path):
     grey = np.rint(normalize(scan.hu[z][crop], "hu") * 255).astype(np.uint8)
     Image.fromarray(grey).save(src / f"{k}.png")
     sizes[str(k)] = grey.shape
-  reports = predict.run([str(shifted_workdir)], str(tmp_path), str(tmp_path / "out"),
+  reports = segment.run([str(shifted_workdir)], str(tmp_path), str(tmp_path / "out"),
                         progress=False, save_probabilities=True)
   assert [r["name"] for r in reports] == ["0", "1"]
   for r in reports:
@@ -231,7 +206,7 @@ def _bad_checkpoints(model, root):
     node[part] = layer
   three["params"]["x_0_0"] = node
   wide = json.loads(json.dumps(config))
-  wide["widths"] = [8, 16, 32, 64, 128]
+  wide["model"]["widths"] = [8, 16, 32, 64, 128]
   return {
       "3-channel": (save_checkpoint(root / "three", three, config), r"x_0_0/conv1/kernel has shape \(3, 3, 3, 4\)"),
       "widths": (save_checkpoint(root / "wide", model.variables, wide), r"another model or shape"),
@@ -275,17 +250,17 @@ def test_bad_inputs_one_line_and_nothing_written(model, shifted_workdir, scans, 
   for name, (source, match, ckpts) in cases.items():
     out = tmp_path / "out" / name.replace(" ", "_")
     with pytest.raises(ValueError, match=match) as err:
-      predict.run([str(c) for c in ckpts], source, str(out), progress=False)
+      segment.run([str(c) for c in ckpts], source, str(out), progress=False)
     assert "\n" not in str(err.value), name
     assert not out.exists(), f"{name}: wrote {_files(out)}"
   # An output folder with earlier results is refused, untouched, unless --overwrite.
   out = tmp_path / "done"
-  predict.run([str(shifted_workdir)], good, str(out), progress=False)
+  segment.run([str(shifted_workdir)], good, str(out), progress=False)
   before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
   with pytest.raises(ValueError, match="holds earlier results.*--overwrite"):
-    predict.run([str(shifted_workdir)], good, str(out), progress=False)
+    segment.run([str(shifted_workdir)], good, str(out), progress=False)
   assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-  predict.run([str(shifted_workdir)], good, str(out), progress=False, overwrite=True)
+  segment.run([str(shifted_workdir)], good, str(out), progress=False, overwrite=True)
   assert sorted(before) == _files(out)
 
 
@@ -324,7 +299,7 @@ def test_demo_checkpoint_lov_within_10_percent(tmp_path):
       continue
     path = tmp_path / f"p{patient}.nii.gz"
     ct_io.write_ct(scan.hu, scan.geometry, path)
-    [report] = predict.run([DEMO], str(path), str(tmp_path / f"out{patient}"), progress=False)
+    [report] = segment.run([DEMO], str(path), str(tmp_path / f"out{patient}"), progress=False)
     assert report["lov_ml"] == pytest.approx(scan.lesion_volume_ml, rel=0.10), patient
     assert report["lung_volume_ml"] == pytest.approx(scan.lung_volume_ml, rel=0.05), patient
     checked += 1

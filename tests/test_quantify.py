@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scoat_jax import quantify
+from scoat_jax.inference import quantify
 from scoat_jax.data import ct_io, phantom
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from trained_checkpoint import save_checkpoint
-from scoat_jax import report
+from scoat_jax.evaluation import cv_report as report
 
 # Shares the tiny trained checkpoint with the other inference tests (one worker).
 pytestmark = pytest.mark.xdist_group("tiny_training")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from scoat_jax.schedule import paper_schedule
+from scoat_jax.training.schedule import paper_schedule
 
 SPE = 7  # steps per epoch
 

@@ -1,7 +1,7 @@
 """Import of the authors' PyTorch SCOAT-Net weights (no torch needed).
 
 The PyTorch side is stood in for by (a) state_dicts spelled here from the
-naming in SCOAT_NET.md section 7, independently of the importer's tables, and
+naming of the authors' code (docs/design.md, "PyTorch names"), independently of the importer's tables, and
 (b) a NumPy forward pass over those names in PyTorch's NCHW layout. Parity with
 a real torch model is checked outside CI (see the model's interop notes).
 """

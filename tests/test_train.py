@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from scoat_jax import checkpoints, train
+from scoat_jax import checkpoints
+from scoat_jax.training import optimization, train
 from scoat_jax.configs import demo as demo_config
 from trained_checkpoint import one_device
 from trained_checkpoint import tiny_config as _tiny
@@ -129,7 +130,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_metrics(data_dir, tmp_pat
 
   # The workdir guard: the same workdir with another model is refused, naming the fix.
   other = tiny_config(data_dir)
-  other.widths = (8, 16, 32, 64, 128)
+  other.model.widths = (8, 16, 32, 64, 128)
   with pytest.raises(checkpoints.CheckpointError, match="--overwrite"):
     checkpoints.check_workdir(reference, other, overwrite=False)
 
@@ -138,7 +139,7 @@ class _Injecting:
   """Wraps the real train step: calls `hook(step_index, metrics)` after each step."""
 
   def __init__(self, monkeypatch, hook):
-    real = train.make_train_step
+    real = optimization.make_train_step
     self.calls = 0
 
     def make(config, mesh, **kw):
@@ -149,7 +150,7 @@ class _Injecting:
         self.calls += 1
         return state, hook(self.calls, metrics)
       return wrapped
-    monkeypatch.setattr(train, "make_train_step", make)
+    monkeypatch.setattr(optimization, "make_train_step", make)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(

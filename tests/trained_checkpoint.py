@@ -26,7 +26,10 @@ import jax
 import numpy as np
 import pytest
 
-from scoat_jax import checkpoints, infer, parallel, train
+from scoat_jax import checkpoints
+from scoat_jax import inference
+from scoat_jax.common import parallel
+from scoat_jax.training import train
 from scoat_jax.configs import demo
 from scoat_jax.data import ct_io, phantom
 
@@ -38,7 +41,7 @@ SCAN_SHAPE = (8, 40, 56)   # (z, y, x): small, non-square, letterboxed to 32 x 3
 def tiny_config(data_dir: str, *, epochs: int = 1, steps: int = 3):
   """The tiny training run every in-process training test shares (same executables)."""
   c = demo.get_config()
-  c.widths = WIDTHS
+  c.model.widths = WIDTHS
   c.data.image_size = IMAGE_SIZE
   c.data.name = "ct_phantom/small"
   c.data.data_dir = data_dir
@@ -111,9 +114,9 @@ def trained_workdir(tiny_data_dir, tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def shifted_workdir(trained_workdir, tmp_path_factory) -> pathlib.Path:
   """The trained model with head_4's bias lowered so ~1/3 of test_scan() is labelled."""
-  model = infer.load_model(trained_workdir)
+  model = inference.load_model(trained_workdir)
   scan = test_scan()
-  _, prob = infer.Predictor([model]).predict_volume(scan.hu, with_probability=True)
+  _, prob = inference.Predictor([model]).predict_volume(scan.hu, with_probability=True)
   p = np.clip(prob, 1e-6, 1 - 1e-6)
   logit = np.quantile(np.log(p / (1 - p)), 2 / 3)
   variables = {k: {**v} for k, v in model.variables.items()}

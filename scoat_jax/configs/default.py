@@ -2,28 +2,41 @@
 restart, 512x512 slices, 5-fold cross-validation by patient.
 
 Every hyperparameter lives here; flagfiles in `launch/` override fields with
-`--config.<field>=<value>` (a misspelt field is an error). Values marked (ours)
-are not given by the paper (see ../shared/design/SCOAT_NET.md).
+`--config.<field>=<value>` (a misspelt field is an error naming the closest
+one). Values marked (ours) are not given by the paper (docs/design.md).
+
+`--config=scoat_jax/configs/default.py:LOSS` starts from another loss of
+Table I with that loss's own options in `loss_kwargs` (e.g. `:focal` gives
+gamma 2 and alpha 0.25), which `--config.loss_kwargs.<option>=` then overrides.
 """
 import ml_collections
 
+from scoat_jax.configs import CONFIG_VERSION
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(loss: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.config_version = CONFIG_VERSION
   c.seed = 0
-
-  # Model.
-  c.model = "scoat_net"
   c.num_classes = 1                   # 1: any opacity (sigmoid); 3: bg/GGO/consolidation.
-  c.widths = (32, 64, 128, 256, 512)
-  c.dtype = "float32"                 # or "bfloat16" (parameters stay float32).
-  c.fast_cpu_grad = True              # CPU only: fast conv weight gradients (native kernel or per-tap matmuls).
+
+  # Model: models.get_model(model_name, **model), plus the shared options below.
+  c.model_name = "scoat_net"
+  c.model = ml_collections.ConfigDict()
+  c.model.num_classes = c.get_ref("num_classes")
+  c.model.widths = (32, 64, 128, 256, 512)
   c.deep_supervision = "mean"         # 'mean' over four heads | 'last' head | 'none' (one head).
+  c.dtype = "float32"                 # or "bfloat16" (parameters stay float32).
+  c.cpu_weight_grad = "auto"          # CPU only: auto | native (kernel) | taps (XLA dots) | xla.
   c.predict_average_heads = False     # (ours) inference uses the last head unless set.
 
-  # Loss.
-  c.loss = "bce_dice"                 # mae | bce | dice | iou | focal | bce_dice (1 class); ce_dice (3).
-  c.loss_alpha = 0.5                  # BCE weight in BCE-Dice.
+  # Loss: training.losses.get_loss(loss, **loss_kwargs).
+  c.loss = loss or "bce_dice"         # mae | bce | dice | iou | focal | bce_dice (1 class); ce_dice (3).
+  if loss is None:
+    c.loss_kwargs = ml_collections.ConfigDict({"alpha": 0.5})  # the paper's BCE weight.
+  else:
+    from scoat_jax.training import losses  # pylint: disable=import-outside-toplevel
+    c.loss_kwargs = ml_collections.ConfigDict(losses.default_kwargs(loss))
 
   # Optimisation: Adam; lr 0.01 x0.1 every 10 epochs; warm restart at 0.001.
   c.batch_size = 8                    # global, over all devices and hosts (ours).
@@ -35,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_epochs = 50
   c.steps_per_epoch = -1              # -1: training slices // batch_size.
 
-  # Data (read by scoat_jax.input_pipeline).
+  # Data (read by scoat_jax.training.input_pipeline).
   c.data = ml_collections.ConfigDict()
   c.data.name = "ct_volumes"          # ct_volumes | covid_semiseg | ct_phantom
   c.data.data_dir = ""                # "" -> TFDS default (~/tensorflow_datasets).

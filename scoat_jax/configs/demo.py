@@ -6,7 +6,8 @@ least 0.8 there: rows a quarter as wide as the paper's (8..128 channels),
 128x128 slices, batch 2, 750 steps on the training slices that show opacity
 (validation scores every slice of the held-out patients), validation every
 third epoch. At 128 px a small lesion covers 1.8 times the pixels it covers at
-96 px, and this net trains faster than a half-width one at 96 px (BUILD.md).
+96 px, and this net trains faster than a half-width one at 96 px
+(benchmarks/README.md).
 Architecture, loss and optimizer are the paper's, and so is the schedule's
 shape: Adam at 0.01, a warm restart at 0.001 (here after one epoch of six),
 then a step decay (x0.1 after three epochs of the restart).
@@ -16,7 +17,7 @@ from scoat_jax.configs import default
 
 def get_config():
   c = default.get_config()
-  c.widths = (8, 16, 32, 64, 128)
+  c.model.widths = (8, 16, 32, 64, 128)
   c.data.name = "ct_phantom"
   c.data.image_size = 128
   c.data.num_folds = 4

@@ -9,7 +9,7 @@ whose one-line message names the path and says how to fix it.
 Formats: NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd), NRRD (.nrrd), and a
 directory holding a DICOM series (SimpleITK applies RescaleSlope/Intercept, so
 the voxels come back in Hounsfield units). Writers choose the format from the
-suffix (.nii.gz, .nii, .mha, .nrrd; a DICOM series has its own writer) and
+suffix (.nii.gz, .nii, .mha, .nrrd; `dicom_writer` writes a DICOM series) and
 write to a temporary name beside the target before renaming it, so a crash
 never leaves half a file under the final name.
 """
@@ -17,26 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
+import gzip
 import os
 import pathlib
-import shutil
-import uuid
+import struct
+import sys
+import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from scoat_jax import fileio
+from scoat_jax.common import fileio
 
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 READ_SUFFIXES = WRITE_SUFFIXES + (".mhd",)
-# The DICOM writer stores HU - intercept as int16 (slope 1), the usual CT encoding.
-_DICOM_INTERCEPT = -1024
-_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-# HU that fit int16 both as given and as stored (HU - intercept).
-_DICOM_HU_RANGE = (-32768, 32767 + _DICOM_INTERCEPT)
 
 
 class CTError(ValueError):
@@ -151,17 +147,80 @@ class CTVolume:
 
 
 @contextlib.contextmanager
-def _quiet_itk():
-  """Silences ITK's stderr warnings (e.g. 'No Series were found'); errors still raise."""
+def quiet_itk():
+  """Silences what ITK and its C++ libraries (MetaIO, GDCM) print; errors still raise.
+
+  ITK's warnings ('No Series were found', non-uniform spacing) are turned off,
+  and the process's stderr is pointed at /dev/null for the duration (the C++
+  libraries write there directly). Where stderr has no file descriptor (a
+  test runner captured it), only the warnings are turned off.
+  """
   was = sitk.ProcessObject.GetGlobalWarningDisplay()
   sitk.ProcessObject.SetGlobalWarningDisplay(False)
+  saved = None
   try:
+    fd = sys.stderr.fileno()
+  except (AttributeError, ValueError, OSError):
+    fd = None
+  try:
+    if fd is not None:
+      sys.stderr.flush()
+      saved = os.dup(fd)
+      with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), fd)
     yield
   finally:
+    if saved is not None:
+      os.dup2(saved, fd)
+      os.close(saved)
     sitk.ProcessObject.SetGlobalWarningDisplay(was)
 
 
-def _first_line(err: Exception) -> str:
+def check_nifti_complete(path: str | pathlib.Path) -> None:
+  """Raises CTError for a truncated or corrupt NIfTI (.nii / .nii.gz) file.
+
+  ITK reads a NIfTI file that ends early (a broken download or copy) without
+  complaint and fills the missing voxels with whatever was in memory. The
+  header says how many bytes the voxels take; a .nii.gz is decompressed in
+  full, which also checks its CRC. Other formats pass unchecked.
+  """
+  path = pathlib.Path(path)
+  name = path.name.lower()
+  if not name.endswith((".nii", ".nii.gz")):
+    return
+  opener = gzip.open if name.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      header = f.read(544)
+      size = len(header)
+      while chunk := f.read(1 << 22):
+        size += len(chunk)
+  except (OSError, EOFError, zlib.error) as e:
+    raise CTError(f"{path}: corrupt or truncated file ({str(e).splitlines()[0]}); copy or "
+                  "export the scan again.") from None
+  for order in "<>":
+    sizeof = struct.unpack(order + "i", header[:4])[0] if size >= 4 else 0
+    if sizeof == 348 and size >= 348:          # NIfTI-1
+      dims = struct.unpack(order + "8h", header[40:56])
+      bitpix = struct.unpack(order + "h", header[72:74])[0]
+      offset = int(struct.unpack(order + "f", header[108:112])[0])
+    elif sizeof == 540 and size >= 540:        # NIfTI-2
+      dims = struct.unpack(order + "8q", header[16:80])
+      bitpix = struct.unpack(order + "h", header[14:16])[0]
+      offset = struct.unpack(order + "q", header[168:176])[0]
+    else:
+      continue
+    if not 1 <= dims[0] <= 7:
+      return  # Not a header we understand: leave the verdict to ITK.
+    voxels = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]]))
+    expected = max(offset, sizeof) + voxels * bitpix // 8
+    if size < expected:
+      raise CTError(f"{path}: truncated file ({size} of {expected} bytes); copy or export "
+                    "the scan again.")
+    return
+
+
+def first_line(err: Exception) -> str:
   lines = [l.strip() for l in str(err).splitlines() if l.strip()]
   msg = next((l for l in lines if "ERROR" in l), lines[-1] if lines else type(err).__name__)
   return msg.replace("sitk::ERROR:", "").strip()[:200]
@@ -173,7 +232,7 @@ def _suffix(path: pathlib.Path, allowed: Sequence[str]) -> str | None:
 
 
 def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Image, dict]:
-  with _quiet_itk():
+  with quiet_itk():
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
   if not ids:
     raise CTError(
@@ -192,10 +251,10 @@ def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Ima
   reader.SetFileNames(files)
   reader.MetaDataDictionaryArrayUpdateOn()
   try:
-    with _quiet_itk():  # ITK's own non-uniform-spacing warning is replaced by the check below
+    with quiet_itk():  # ITK's own non-uniform-spacing warning is replaced by the check below
       image = reader.Execute()
   except RuntimeError as e:
-    raise CTError(f"{path}: cannot read DICOM series {series_id} ({_first_line(e)}); "
+    raise CTError(f"{path}: cannot read DICOM series {series_id} ({first_line(e)}); "
                   "check the files are complete CT images") from None
   _check_slice_positions(path, reader, image, len(files))
   tags = {
@@ -236,10 +295,12 @@ def _read_image(path, series_id: str | None = None) -> tuple[pathlib.Path, sitk.
                   "or a DICOM series folder)")
   if path.is_dir():
     return (path, *_read_dicom_dir(path, series_id))
+  check_nifti_complete(path)
   try:
-    return path, sitk.ReadImage(str(path)), {}
+    with quiet_itk():
+      return path, sitk.ReadImage(str(path)), {}
   except RuntimeError as e:
-    raise CTError(f"{path}: unreadable or corrupt image ({_first_line(e)}); re-export it as "
+    raise CTError(f"{path}: unreadable or corrupt image ({first_line(e)}); re-export it as "
                   f"{'/'.join(READ_SUFFIXES)} or a DICOM series folder") from None
 
 
@@ -355,31 +416,34 @@ def read_mask(path,
   return arr.astype(np.uint8)
 
 
-def _atomic_write(image: sitk.Image, path, compress: bool) -> pathlib.Path:
-  path = pathlib.Path(path)
-  suffix = _suffix(path, WRITE_SUFFIXES)
-  if suffix is None:
-    raise CTError(
-        f"{path}: unknown output format; name the file with one of {', '.join(WRITE_SUFFIXES)} "
-        "(use write_dicom_series for DICOM)")
-  if not path.parent.is_dir():
-    raise CTError(f"{path}: the directory {path.parent} does not exist; create it first")
-  try:
-    # .nii.gz is always gzip-compressed by its suffix; for .mha/.nrrd compression is optional.
-    fileio.atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress))
-  except RuntimeError as e:
-    raise CTError(
-        f"{path}: could not write ({_first_line(e)}); check disk space and permissions") from None
-  return path
+def write_array(arr: np.ndarray, geometry: Geometry, path, *, what: str = "volume",
+                compress: bool = True) -> pathlib.Path:
+  """Writes a (z, y, x) array in its own dtype with exactly the given geometry, atomically.
 
-
-def _image_from(arr: np.ndarray, geometry: Geometry, what: str, path) -> sitk.Image:
-  arr = np.asarray(arr)
+  Args:
+    arr: the voxels; shape must be `geometry.shape`.
+    geometry: the voxel grid.
+    path: output file (.nii.gz, .nii, .mha, .nrrd), replaced atomically.
+    what: what the array is, for error messages ('CT', 'mask', ...).
+    compress: compress .mha/.nrrd (zlib); .nii.gz always is.
+  """
+  path, arr = pathlib.Path(path), np.asarray(arr)
   if arr.shape != geometry.shape:
     raise CTError(
         f"{path}: {what} array shape {arr.shape} does not match geometry shape (z, y, x) "
         f"{geometry.shape}; pass the array in (z, y, x) order with the geometry it came with")
-  return geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(arr)))
+  if _suffix(path, WRITE_SUFFIXES) is None:
+    raise CTError(f"{path}: unknown output format; name the file with one of "
+                  f"{', '.join(WRITE_SUFFIXES)} (dicom_writer writes DICOM)")
+  if not path.parent.is_dir():
+    raise CTError(f"{path}: the directory {path.parent} does not exist; create it first")
+  image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(arr)))
+  try:
+    fileio.atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress))
+  except RuntimeError as e:
+    raise CTError(
+        f"{path}: could not write ({first_line(e)}); check disk space and permissions") from None
+  return path
 
 
 def write_ct(hu: np.ndarray, geometry: Geometry, path, *, compress: bool = True) -> pathlib.Path:
@@ -405,7 +469,7 @@ def write_ct(hu: np.ndarray, geometry: Geometry, path, *, compress: bool = True)
     hu = hu.astype(np.int16)
   else:
     hu = hu.astype(np.float32, copy=False)
-  return _atomic_write(_image_from(hu, geometry, "CT", path), path, compress)
+  return write_array(hu, geometry, path, what="CT", compress=compress)
 
 
 def write_mask(mask: np.ndarray,
@@ -430,143 +494,4 @@ def write_mask(mask: np.ndarray,
                   "not probabilities (threshold first)")
   if mask.size and (mask.min() < 0 or mask.max() > 255):
     raise CTError(f"{path}: mask values must lie in 0..255, got {mask.min()}..{mask.max()}")
-  return _atomic_write(_image_from(mask.astype(np.uint8), geometry, "mask", path), path, compress)
-
-
-def _uid(*parts) -> str:
-  """A deterministic DICOM UID under the UUID-derived root 2.25 (PS3.5 B.2)."""
-  return "2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID, "scoat_jax/" + "/".join(map(str, parts))).int)
-
-
-def _ds(values) -> str:
-  # DICOM DS values are at most 16 characters; 10 significant digits fit.
-  return "\\".join(f"{float(v):.10g}" for v in values)
-
-
-def write_dicom_series(hu: np.ndarray,
-                       geometry: Geometry,
-                       directory,
-                       *,
-                       patient_id: str,
-                       study_date: str,
-                       series_description: str = "scoat_jax CT",
-                       study_uid: str | None = None,
-                       series_uid: str | None = None,
-                       overwrite: bool = False) -> pathlib.Path:
-  """Writes a CT volume as a DICOM series (one file per slice) that `read_ct` reads back.
-
-  Voxels are rounded to integer HU and stored as int16 with RescaleIntercept
-  -1024 and RescaleSlope 1. DICOM readers order slices along the normal of
-  ImageOrientationPatient (row x column), so a left-handed direction (e.g. a
-  flipped z axis) cannot survive; such a volume is written as its physically
-  identical right-handed equivalent (slices reversed, z column negated), and
-  reads back as that. Right-handed geometry reads back unchanged.
-
-  Args:
-    hu: (z, y, x) array in HU.
-    geometry: its voxel grid.
-    directory: output folder, created by renaming a finished temporary folder.
-    patient_id: PatientID (0010,0020).
-    study_date: StudyDate 'YYYYMMDD'.
-    series_description: SeriesDescription.
-    study_uid, series_uid: explicit UIDs; by default derived deterministically
-      from patient_id, study_date and series_description.
-    overwrite: replace an existing directory.
-
-  Returns:
-    The series directory.
-  """
-  directory = pathlib.Path(directory)
-  try:
-    datetime.datetime.strptime(study_date, "%Y%m%d")
-  except (TypeError, ValueError):
-    raise CTError(
-        f"{directory}: study_date={study_date!r} is not a date 'YYYYMMDD'; pass e.g. '20200315'"
-    ) from None
-  if not patient_id or not isinstance(patient_id, str):
-    raise CTError(f"{directory}: patient_id={patient_id!r} must be a non-empty string")
-  if directory.exists() and not overwrite:
-    raise CTError(f"{directory}: already exists; choose a new folder or pass overwrite=True")
-  if not directory.parent.is_dir():
-    raise CTError(
-        f"{directory}: the parent directory {directory.parent} does not exist; create it first")
-  hu = np.asarray(hu)
-  if hu.shape != geometry.shape:
-    raise CTError(
-        f"{directory}: CT array shape {hu.shape} does not match geometry shape (z, y, x) "
-        f"{geometry.shape}"
-    )
-  hu = np.rint(hu.astype(np.float64))
-  if not np.all(np.isfinite(hu)):
-    raise CTError(
-        f"{directory}: the CT array contains NaN or infinite values; DICOM stores integer HU")
-  if hu.size and (hu.min() < _DICOM_HU_RANGE[0] or hu.max() > _DICOM_HU_RANGE[1]):
-    raise CTError(f"{directory}: HU range {hu.min():g}..{hu.max():g} does not fit int16 storage "
-                  f"{_DICOM_HU_RANGE}; clip the volume first")
-  # int16 input makes ITK store 16-bit signed pixels (HU - intercept).
-  hu = hu.astype(np.int16)
-  dmat = geometry.direction_matrix
-  if np.linalg.det(dmat) < 0:
-    last = np.asarray(geometry.origin) + dmat[:, 2] * geometry.spacing[2] * (geometry.size[2] - 1)
-    dmat = dmat.copy()
-    dmat[:, 2] *= -1
-    geometry = Geometry(geometry.size, geometry.spacing, tuple(last), tuple(dmat.ravel()))
-    hu = hu[::-1]
-  image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(hu)))
-  study_uid = study_uid or _uid(patient_id, study_date)
-  series_uid = series_uid or _uid(patient_id, study_date, series_description)
-  # ImageOrientationPatient: the row (x index) then column (y index) direction cosines.
-  iop = _ds([dmat[0, 0], dmat[1, 0], dmat[2, 0], dmat[0, 1], dmat[1, 1], dmat[2, 1]])
-  shared = {
-      "0008|0016": _CT_IMAGE_STORAGE,
-      "0008|0060": "CT",
-      "0008|0008": "DERIVED\\SECONDARY\\AXIAL",
-      "0008|0020": study_date,
-      "0008|0021": study_date,
-      "0008|0030": "120000",
-      "0008|0031": "120000",
-      "0008|103e": series_description[:64],
-      "0010|0010": patient_id[:64],
-      "0010|0020": patient_id[:64],
-      "0020|000d": study_uid,
-      "0020|000e": series_uid,
-      "0020|0052": _uid(study_uid, "frame"),
-      "0020|0010": "1",
-      "0020|0011": "1",
-      "0020|0037": iop,
-      "0018|0050": _ds([geometry.spacing[2]]),
-      "0018|0088": _ds([geometry.spacing[2]]),
-      "0028|1052": str(_DICOM_INTERCEPT),
-      "0028|1053": "1",
-      "0028|1054": "HU",
-  }
-  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir(mode=0o777)   # not mkdtemp's private 0700: the series is the user's to share
-  try:
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(geometry.size[2]):
-      sl = image[:, :, k:k + 1]
-      for tag, value in shared.items():
-        sl.SetMetaData(tag, value)
-      position = image.TransformIndexToPhysicalPoint((0, 0, k))
-      sl.SetMetaData("0020|0032", _ds(position))
-      sl.SetMetaData("0020|1041", _ds([float(np.dot(position, np.cross(dmat[:, 0], dmat[:, 1])))]))
-      sl.SetMetaData("0020|0013", str(k + 1))
-      sl.SetMetaData("0008|0018", _uid(series_uid, k + 1))
-      writer.SetFileName(str(tmp / f"IM{k + 1:05d}.dcm"))
-      writer.Execute(sl)
-    if directory.exists():
-      trash = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-      os.replace(directory, trash)
-      os.replace(tmp, directory)
-      shutil.rmtree(trash, ignore_errors=True)
-    else:
-      os.replace(tmp, directory)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, RuntimeError):
-      raise CTError(f"{directory}: could not write the DICOM series ({_first_line(e)}); "
-                    "check disk space and permissions") from None
-    raise
-  return directory
+  return write_array(mask.astype(np.uint8), geometry, path, what="mask", compress=compress)

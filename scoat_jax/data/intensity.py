@@ -5,7 +5,7 @@ Two kinds of source exist in this project:
   window and scaled to [0, 1]. SCOAT-Net does not state its window; ours is
   HU_WINDOW = [-1250, 250], which spans air to soft tissue and keeps the whole
   range of ground-glass (about -750..-300 HU) and consolidation (about
-  -100..+50 HU) well inside (see ../shared/design/SCOAT_NET.md, section 4).
+  -100..+50 HU) well inside (docs/design.md marks it as our choice).
 - 'uint8': 8-bit slices already windowed by whoever exported them (e.g.
   COVID-SemiSeg JPEGs). Their window is unknown, so they are only scaled by 1/255.
 

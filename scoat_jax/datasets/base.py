@@ -111,13 +111,16 @@ class ScanEntry:
 class SliceBuilder(tfds.core.GeneratorBasedBuilder):
   """Base of the slice builders: ArrayRecord files, generation order, the scan index.
 
-  Subclasses set INTENSITY ('hu' | 'uint8'), HAS_LUNG, BUILD_HINT (the extra
-  build.py flags a user must give, e.g. '--manual_dir=...'), and implement
+  Subclasses state their facts as class attributes: INTENSITY ('hu' | 'uint8':
+  how the slices are stored), HAS_LUNG (lung masks included), BUILD_HINT (the
+  extra build.py flags a user must give, e.g. '--manual_dir=...'), BUILDS_ITSELF
+  (generated from nothing: training builds it on first use); and implement
   `_features()` and `_scans(dl_manager)`.
   """
   INTENSITY = "hu"
   HAS_LUNG = False
   BUILD_HINT = ""
+  BUILDS_ITSELF = False
   OPTIONS: tuple[str, ...] = ()       # build.py --flags this builder understands
 
   @tfds.core.utils.classproperty

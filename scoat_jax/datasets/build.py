@@ -11,23 +11,22 @@ command prints: read the dataset back under that name (`data.name`).
 The input layout is checked before anything is written. The dataset is then
 built in a hidden staging folder inside data_dir and moved into place only when
 complete, so a failed or interrupted build leaves nothing behind and
-`--overwrite` keeps the old copy until the new one is finished. Errors print
-one line and exit with status 1.
+`--overwrite` keeps the old copy until the new one is finished. A bad input
+prints one line `error: ...` and exits with status 2 (`scoat_jax.common.cli`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
 
 import tensorflow_datasets as tfds
-from absl import logging as absl_logging
+from absl import flags, logging
 
 from scoat_jax import datasets
+from scoat_jax.common import cli
 from scoat_jax.datasets import base
 
 
@@ -112,39 +111,50 @@ def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
   return full
 
 
-def _parse(argv):
-  p = argparse.ArgumentParser(prog="python -m scoat_jax.datasets.build",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("name", help="covid_semiseg | ct_volumes[/config] | ct_phantom[/config]")
-  p.add_argument("--data_dir", default="", help="output root (default: the TFDS default)")
-  p.add_argument("--manual_dir", default=None, help="input folder (covid_semiseg, ct_volumes)")
-  p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
-  p.add_argument("--slices", choices=base.SLICE_FILTERS, default=None,
-                 help="ct_volumes: keep all slices, those with opacity, or those showing lung")
-  p.add_argument("--label_map", default=None, help="ct_volumes: default | ma2020 | medseg")
-  p.add_argument("--patients", type=int, default=None, help="ct_phantom: number of patients")
-  p.add_argument("--timepoints", type=int, default=None, help="ct_phantom: scans per patient")
-  p.add_argument("--seed", type=int, default=None, help="ct_phantom: cohort seed")
-  p.add_argument("--shape", default=None, help="ct_phantom: scan shape ZxYxX, e.g. 16x64x64")
-  return p.parse_args(argv)
+FLAGS = flags.FLAGS
 
 
-def main(argv=None) -> int:
-  args = _parse(argv)
-  tfds.disable_progress_bar()
-  absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about the folders it is creating
-  options = {k: getattr(args, k) for k in ("slices", "label_map", "patients", "timepoints", "seed", "shape")}
-  t0 = time.perf_counter()
-  try:
-    full = build(args.name, args.data_dir, args.manual_dir, overwrite=args.overwrite, **options)
-    ds = base.open_source(full, args.data_dir)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}".splitlines()[0], file=sys.stderr)
-    return 1
-  print(f"{full}: {ds.num_records} slices, {len(ds.scans)} scans, {len(ds.case_ids())} cases "
-        f"in {ds.data_dir} ({time.perf_counter() - t0:.1f} s); read it as data.name='{full}'")
-  return 0
+def define_flags() -> None:
+  flags.DEFINE_string("data_dir", "", "Output root (default: the TFDS default, ~/tensorflow_datasets).")
+  flags.DEFINE_string("manual_dir", None, "Input folder (covid_semiseg, ct_volumes).")
+  flags.DEFINE_bool("overwrite", False, "Rebuild an existing dataset (the old copy is replaced "
+                    "once the new one is complete).")
+  flags.DEFINE_enum("slices", None, list(base.SLICE_FILTERS), "ct_volumes: keep all slices, those "
+                    "with opacity, or those showing lung.")
+  flags.DEFINE_string("label_map", None, "ct_volumes: default | ma2020 | medseg.")
+  flags.DEFINE_integer("patients", None, "ct_phantom: number of patients.")
+  flags.DEFINE_integer("timepoints", None, "ct_phantom: scans per patient.")
+  flags.DEFINE_integer("seed", None, "ct_phantom: cohort seed.")
+  flags.DEFINE_string("shape", None, "ct_phantom: scan shape ZxYxX, e.g. 16x64x64.")
+
+
+def main(argv):
+  names = " | ".join(f"{n}[/config]" for n in sorted(datasets.BUILDERS))
+  if len(argv) != 2:
+    cli.fail(f"give one dataset name: python -m scoat_jax.datasets.build NAME [--flags], NAME "
+             f"one of {names} (got {list(argv[1:]) or 'none'}).")
+  options = {k: FLAGS[k].value for k in ("slices", "label_map", "patients", "timepoints", "seed",
+                                         "shape")}
+
+  def build_and_describe():
+    tfds.disable_progress_bar()
+    if FLAGS.verbosity < 1:  # TFDS warns about every folder it creates
+      logging.set_verbosity(logging.ERROR)
+    t0 = time.perf_counter()
+    full = build(argv[1], FLAGS.data_dir, FLAGS.manual_dir, overwrite=FLAGS.overwrite, **options)
+    ds = base.open_source(full, FLAGS.data_dir)
+    cli.echo(f"{full}: {ds.num_records} slices, {len(ds.scans)} scans, {len(ds.case_ids())} "
+             f"cases in {ds.data_dir} ({time.perf_counter() - t0:.1f} s); read it as "
+             f"data.name='{full}'\n")
+
+  cli.run(argv, build_and_describe, positional=True)
+
+
+def console_main() -> None:
+  """The `scoat-build-dataset` console command."""
+  define_flags()
+  cli.run_command(main)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  console_main()

@@ -72,6 +72,7 @@ class CtPhantom(base.SliceBuilder):
   DEFAULT_BUILDER_CONFIG_NAME = "default"
   INTENSITY = "hu"
   HAS_LUNG = True
+  BUILDS_ITSELF = True
   OPTIONS = ("patients", "timepoints", "seed", "shape")
 
   @classmethod

@@ -60,18 +60,8 @@ def _split_ext(fname: str) -> tuple[str, str] | None:
 
 
 def find_cases(manual_dir: str) -> list[tuple[str, str, str]]:
-  """(case, image path, label path) of every case, checked for completeness.
-
-  Args:
-    manual_dir: the folder holding imagesTr/ and labelsTr/.
-
-  Returns:
-    One triple per case, sorted by case name.
-
-  Raises:
-    DatasetError: a missing or empty folder, an image without its label or a
-      label without its image.
-  """
+  """(case, image path, label path) of every case in `manual_dir` (imagesTr/, labelsTr/),
+  sorted by case name; DatasetError for a missing or empty folder or an unpaired file."""
   img_dir, lab_dir = os.path.join(manual_dir, "imagesTr"), os.path.join(manual_dir, "labelsTr")
   for d in (img_dir, lab_dir):
     if not os.path.isdir(d):
@@ -185,7 +175,7 @@ class CtVolumes(base.SliceBuilder):
 
   def _slices(self, case: str, image_path: str, label_path: str):
     from scoat_jax.data import ct_io
-    from scoat_jax.lung_mask import lung_mask
+    from scoat_jax.data.lung_mask import lung_mask
     cfg = self.builder_config
     vol = ct_io.read_ct(image_path)
     # ct_io checks the grid (size, spacing, origin, direction); the label

@@ -3,7 +3,7 @@
 XLA's CPU backend computes the weight gradient of a 3x3 convolution as a
 convolution over the batch and spatial axes, which is several times slower
 than the forward pass (measured on a 2-core AVX2 machine: 2.4 s against
-0.87 s for 2x256x256x64 -> 64; see BUILD.md). The same gradient is a sum of
+0.87 s for 2x256x256x64 -> 64; benchmarks/README.md). The same gradient is a sum of
 k*k matrix products, one per kernel tap:
 
     dW[i, j] = sum_{b,h,w} x_pad[b, h+i, w+j, :]^T  g[b, h, w, :]
@@ -25,6 +25,7 @@ the custom gradient only when the default backend is the CPU.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -109,21 +110,29 @@ def weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
   return d_kernel.reshape(kernel_shape).astype(out_dtype)
 
 
-def uses_native_kernel(x_shape, kernel_shape, dtype) -> bool:
+WEIGHT_GRADS = ("auto", "native", "taps", "xla")
+
+
+def uses_native_kernel(x_shape, kernel_shape, dtype, weight_grad: str = "auto") -> bool:
   """Whether `weight_grad_cpu` takes the native kernel for this convolution.
 
-  The kernel needs float32 and C_out % 8 == 0, is used only at sizes where it
-  made the train step faster (`cpu_kernels.faster_than_xla`), and only on a
-  single CPU device (`cpu_kernels.usable`). The size checks come first, so a
-  model whose convolutions never qualify never builds it.
+  The kernel needs float32 and C_out % 8 == 0 and a single CPU device
+  (`cpu_kernels.usable`). 'auto' also asks for a size at which it made the
+  train step faster (`cpu_kernels.faster_than_xla`); 'native' takes it
+  wherever it applies. The shape checks come first, so a model whose
+  convolutions never qualify never builds it.
   """
+  if weight_grad not in ("auto", "native"):
+    return False
   return (cpu_kernels.supports(kernel_shape, dtype)
-          and cpu_kernels.faster_than_xla(x_shape, kernel_shape) and cpu_kernels.usable())
+          and (weight_grad == "native" or cpu_kernels.faster_than_xla(x_shape, kernel_shape))
+          and cpu_kernels.usable())
 
 
-def weight_grad_cpu(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
-  """dL/dkernel of `conv2d_native` by the fastest CPU method that applies."""
-  if uses_native_kernel(x.shape, kernel_shape, x.dtype):
+def weight_grad_cpu(x: jax.Array, g: jax.Array, kernel_shape, weight_grad: str = "auto"
+                    ) -> jax.Array:
+  """dL/dkernel of `conv2d_native`: the native kernel where chosen, else the per-tap dots."""
+  if uses_native_kernel(x.shape, kernel_shape, x.dtype, weight_grad):
     return cpu_kernels.conv_weight_grad(x, g, kernel_shape)
   return weight_grad_by_taps(x, g, kernel_shape)
 
@@ -135,21 +144,24 @@ def conv2d_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return conv2d_native(x, kernel)
 
 
-@jax.custom_vjp
-def conv2d_fast_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d_fast_weight_grad(x: jax.Array, kernel: jax.Array, weight_grad: str = "auto"
+                            ) -> jax.Array:
   """`conv2d_cpu` with the weight gradient of `weight_grad_cpu`."""
+  del weight_grad
   return conv2d_cpu(x, kernel)
 
 
-def _fwd(x, kernel):
+def _fwd(x, kernel, weight_grad):
+  del weight_grad
   return conv2d_cpu(x, kernel), (x, kernel)
 
 
-def _bwd(residuals, g):
+def _bwd(weight_grad, residuals, g):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x_: conv2d_cpu(x_, kernel), x)
   (dx,) = input_vjp(g)
-  return dx, weight_grad_cpu(x, g, kernel.shape).astype(kernel.dtype)
+  return dx, weight_grad_cpu(x, g, kernel.shape, weight_grad).astype(kernel.dtype)
 
 
 conv2d_fast_weight_grad.defvjp(_fwd, _bwd)
@@ -159,18 +171,22 @@ class Conv(nn.Module):
   """Stride-1 'same' convolution with bias (parameters `kernel`, `bias`).
 
   Same parameter names and shapes as `flax.linen.Conv`, so checkpoints do not
-  depend on which gradient is used.
+  depend on which gradient is used. Networks receive it as their `conv`
+  (a `functools.partial` of this class, see `scoat_jax.models.create_model`).
 
   Attributes:
     features: output channels.
     kernel_size: odd square kernel size (1 or 3 in SCOAT-Net).
-    fast_cpu_grad: use `weight_grad_cpu` when running on the CPU.
+    weight_grad: how the weight gradient is computed on the CPU backend (GPUs
+      and TPUs always use XLA's): 'auto' (the native kernel where it is faster,
+      else 'taps'), 'native' (the kernel wherever it applies), 'taps' (one XLA
+      dot per kernel tap), 'xla' (XLA's own convolution gradient).
     dtype: compute dtype; parameters are float32.
     kernel_init, bias_init: initialisers.
   """
   features: int
   kernel_size: int = 3
-  fast_cpu_grad: bool = True
+  weight_grad: str = "auto"
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
@@ -179,10 +195,14 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.kernel_size % 2 != 1:
       raise ValueError(f"kernel_size must be odd for 'same' padding, got {self.kernel_size}")
+    if self.weight_grad not in WEIGHT_GRADS:
+      raise ValueError(f"weight_grad={self.weight_grad!r}: use one of {WEIGHT_GRADS}")
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    use_fast = self.fast_cpu_grad and jax.default_backend() == "cpu"
-    y = (conv2d_fast_weight_grad if use_fast else conv2d_native)(x, kernel)
+    if self.weight_grad == "xla" or jax.default_backend() != "cpu":
+      y = conv2d_native(x, kernel)
+    else:
+      y = conv2d_fast_weight_grad(x, kernel, self.weight_grad)
     return y + bias

@@ -6,14 +6,14 @@ multiply-adds on all of XLA's intra-op threads (see that file). XLA's CPU
 backend runs the same long-contraction product on one thread: for the
 32-64-channel rows of SCOAT-Net the kernel is 1.7-5.6x faster than the per-tap
 XLA dots on a 2-core AVX2 machine, and 1.7-4.9x on a 2-core AVX-512 one
-(BUILD.md has the tables).
+(benchmarks/README.md has the tables).
 
 The kernel is compiled with the system's C++ compiler the first time it is
 needed (a few seconds) into `~/.cache/scoat_jax/kernels/<source hash>/`
 ($SCOAT_JAX_KERNEL_DIR overrides the folder) and registered with the XLA FFI.
 Where it cannot be built (no compiler, no AVX2) `available()` is False, one
-warning says why, and `scoat_jax.models.conv` keeps its pure-XLA path. Set
-SCOAT_JAX_NATIVE_KERNELS=0 to turn it off.
+warning says why, and `scoat_jax.models.conv` keeps its pure-XLA path.
+`config.cpu_weight_grad` chooses the path ('auto', 'native', 'taps', 'xla').
 """
 from __future__ import annotations
 
@@ -35,14 +35,13 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).parent / "csrc" / "conv_weight_grad.cc"
 TARGET = "scoat_conv_weight_grad"
 DEFAULT_DIR = "~/.cache/scoat_jax/kernels"
-# The kernel is used only where it beat XLA's per-tap dots in the whole train
-# step on the 2-core machine (BUILD.md; `benchmarks/conv_weight_grad.py`).
-# Below this many pixels in the batch (the contraction's length) the threads'
-# private copies of dW, zeroed and then added up, cost more than the short sum
-# they hold, and XLA's dot wins (3x3 512 -> 512 over 2x16x16 px: 0.7x; 768 ->
-# 256 over 2x16x16: 0.8x; over 2x32x32: 1.2x faster, in `conv_weight_grad.py`
-# on the Zen 5, 2026-11-28). Until the kernel swept its input channels outside
-# the taps, copies above 2^17 elements also lost; they no longer do.
+# With config.cpu_weight_grad='auto' the kernel is used only at sizes where it
+# beat XLA's per-tap dots in the whole train step on a 2-core CPU
+# (`benchmarks/conv_weight_grad.py`, benchmarks/README.md). Below this many
+# pixels in the batch (the contraction's length) the threads' private copies of
+# dW, zeroed and then added up, cost more than the short sum they hold, and
+# XLA's dot wins (3x3 512 -> 512 over 2x16x16 px: 0.7x; 768 -> 256 over
+# 2x16x16: 0.8x; over 2x32x32: 1.2x faster).
 MIN_PIXELS = 1024
 # Below this many multiply-adds (pixels x kernel elements) the kernel wins
 # alone but not in the step: there XLA already runs small independent
@@ -129,13 +128,12 @@ def build() -> Path:
 @functools.cache
 def available() -> bool:
   """Builds and registers the kernel once; False (with one warning) if it cannot."""
-  if os.environ.get("SCOAT_JAX_NATIVE_KERNELS", "1") == "0":
-    return False
   try:
     library = ctypes.cdll.LoadLibrary(str(build()))
   except (KernelBuildError, OSError) as e:
     warnings.warn(f"scoat_jax: native CPU weight-gradient kernel unavailable ({e}); "
-                  "using the per-tap XLA gradient instead.", RuntimeWarning, stacklevel=2)
+                  "using the per-tap XLA gradient instead (config.cpu_weight_grad='taps' "
+                  "chooses it without this warning).", RuntimeWarning, stacklevel=2)
     return False
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScoatConvWeightGrad),
                               platform="cpu")

@@ -33,6 +33,7 @@ from jax import lax
 from scoat_jax.models.conv import Conv
 
 Dtype = Any
+ModuleDef = Any
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention; PyTorch's momentum=0.1.
@@ -48,18 +49,25 @@ def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
-def conv(features: int, kernel_size: int, *, name: str, dtype: Dtype,
-         fast_cpu_grad: bool = True) -> Conv:
-  """A stride-1 'same' convolution with bias, as every conv in SCOAT-Net."""
-  return Conv(features, kernel_size, fast_cpu_grad=fast_cpu_grad, dtype=dtype,
-              kernel_init=he_normal, bias_init=nn.initializers.zeros, name=name)
+def conv_def(conv: ModuleDef = Conv, *, dtype: Dtype) -> ModuleDef:
+  """SCOAT-Net's convolution: stride 1, 'same', with bias, He-normal kernel, zero bias.
+
+  Args:
+    conv: the convolution module the network was given (e.g. `Conv` with a
+      chosen CPU weight-gradient path); called as `conv(features, kernel_size,
+      name=...)`.
+    dtype: compute dtype.
+  """
+  return functools.partial(conv, dtype=dtype, kernel_init=he_normal,
+                           bias_init=nn.initializers.zeros)
 
 
-def batch_norm(*, train: bool, name: str, dtype: Dtype) -> nn.BatchNorm:
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+def norm_def(*, train: bool, dtype: Dtype) -> ModuleDef:
+  """BatchNorm as in PyTorch's defaults (see the module docstring); called as `norm(name=...)`."""
+  return functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
       scale_init=bn_scale_init, bias_init=nn.initializers.zeros,
-      dtype=dtype, param_dtype=jnp.float32, name=name)
+      dtype=dtype, param_dtype=jnp.float32)
 
 
 def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
@@ -136,22 +144,21 @@ class ResBlock(nn.Module):
 
   Attributes:
     features: output channels (the middle width equals it).
-    dtype: compute dtype; parameters stay float32.
-    fast_cpu_grad: see `scoat_jax.models.conv.Conv`.
+    conv: the network's convolution (`conv_def`).
+    norm: the network's batch norm (`norm_def`), in train or eval mode.
   """
   features: int
-  dtype: Dtype = jnp.float32
-  fast_cpu_grad: bool = True
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    norm = functools.partial(batch_norm, train=train, dtype=self.dtype)
-    conv_ = functools.partial(conv, dtype=self.dtype, fast_cpu_grad=self.fast_cpu_grad)
-    y = conv_(self.features, 3, name="conv1")(x)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv, norm = self.conv, self.norm
+    y = conv(self.features, 3, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
-    y = conv_(self.features, 3, name="conv2")(y)
+    y = conv(self.features, 3, name="conv2")(y)
     y = norm(name="bn2")(y)
-    shortcut = conv_(self.features, 1, name="shortcut_conv")(x)
+    shortcut = conv(self.features, 1, name="shortcut_conv")(x)
     shortcut = norm(name="shortcut_bn")(shortcut)
     return nn.relu(y + shortcut)
 
@@ -167,28 +174,25 @@ class SpatialAttention(nn.Module):
   (paper Fig. 5): apply with `mutable=['intermediates']` to collect it.
 
   Attributes:
-    dtype: compute dtype; parameters stay float32.
-    fast_cpu_grad: see `scoat_jax.models.conv.Conv`.
+    conv: the network's convolution (`conv_def`).
+    norm: the network's batch norm (`norm_def`).
   """
-  dtype: Dtype = jnp.float32
-  fast_cpu_grad: bool = True
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
-  def __call__(self, lateral: jax.Array, up: jax.Array, *,
-               train: bool) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, lateral: jax.Array, up: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Returns `(up + a * up, a)`; `a` has one channel, values in (0, 1).
 
     Args:
       lateral: the most recent node of the same row, (B, H, W, C_lat).
       up: the up-sampled deeper node, (B, H, W, C_up).
-      train: whether BatchNorm uses batch statistics.
     """
     width = lateral.shape[-1]
-    norm = functools.partial(batch_norm, train=train, dtype=self.dtype)
-    conv_ = functools.partial(conv, dtype=self.dtype, fast_cpu_grad=self.fast_cpu_grad)
-    theta = norm(name="lateral_bn")(conv_(width, 1, name="lateral_conv")(lateral))
-    phi = norm(name="up_bn")(conv_(width, 1, name="up_conv")(up))
-    psi = conv_(1, 1, name="psi_conv")(nn.relu(theta + phi))
+    conv, norm = self.conv, self.norm
+    theta = norm(name="lateral_bn")(conv(width, 1, name="lateral_conv")(lateral))
+    phi = norm(name="up_bn")(conv(width, 1, name="up_conv")(up))
+    psi = conv(1, 1, name="psi_conv")(nn.relu(theta + phi))
     attention = nn.sigmoid(norm(name="psi_bn")(psi))
     self.sow("intermediates", "attention", attention)
     return up + attention * up, attention
@@ -228,15 +232,16 @@ class ChannelAttentionBlock(nn.Module):
 
   Attributes:
     features: output channels.
-    dtype: compute dtype; parameters stay float32.
-    fast_cpu_grad: see `scoat_jax.models.conv.Conv`.
+    conv: the network's convolution (`conv_def`).
+    norm: the network's batch norm (`norm_def`).
+    dtype: compute dtype of the squeeze-excitation; parameters stay float32.
   """
   features: int
+  conv: ModuleDef
+  norm: ModuleDef
   dtype: Dtype = jnp.float32
-  fast_cpu_grad: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = SqueezeExcitation(dtype=self.dtype, name="se")(x)
-    return ResBlock(self.features, dtype=self.dtype, fast_cpu_grad=self.fast_cpu_grad,
-                    name="res")(x, train=train)
+    return ResBlock(self.features, conv=self.conv, norm=self.norm, name="res")(x)

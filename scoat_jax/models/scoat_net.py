@@ -20,18 +20,23 @@ logits.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from scoat_jax.models import layers
+from scoat_jax.models.conv import Conv
 
 Dtype = Any
+ModuleDef = Any
 
 DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
 DEPTH = 4  # Four 2x2 max-pools: inputs must be multiples of 2**4.
+# The spatial attention maps the paper shows (Fig. 5): the gates feeding
+# x_1_1, x_2_2 and x_1_3, sown as intermediates/<name>/attention.
+PAPER_ATTENTION_MAPS = ("sam_1_1", "sam_2_2", "sam_1_3")
 
 
 def check_input_shape(shape: Sequence[int]) -> None:
@@ -40,7 +45,7 @@ def check_input_shape(shape: Sequence[int]) -> None:
     raise ValueError(
         f"SCOAT-Net takes NHWC input (batch, height, width, channels); got shape "
         f"{tuple(shape)}: add the missing axes (e.g. x[..., None] for channels).")
-  multiple = 2**DEPTH
+  multiple = SCOATNet.input_multiple
   height, width = shape[1], shape[2]
   if height % multiple or width % multiple:
     raise ValueError(
@@ -62,16 +67,24 @@ class SCOATNet(nn.Module):
       logits are float32.
     in_channels: expected input channels (1 = one slice, 3 = a 2.5D stack of
       neighbouring slices); None accepts any. Set, it is checked against x.
-    fast_cpu_grad: on the CPU backend, compute convolution weight gradients
-      as per-tap matrix products (`scoat_jax.models.conv`); same function,
-      several times faster there. No effect on GPU/TPU.
+    conv: the convolution module every node uses (Flax's ImageNet example
+      passes its `conv` the same way); `scoat_jax.models.create_model` gives
+      `Conv` with the configured CPU weight-gradient path.
+
+  Class facts (read by inference and export code, not configurable):
+    input_multiple: height and width must be multiples of this.
+    attention_maps: the intermediates `model.apply(..., mutable=['intermediates'])`
+      can return, as `intermediates/<name>/attention`.
   """
   num_classes: int = 1
   deep_supervision: bool = False
   widths: Sequence[int] = DEFAULT_WIDTHS
   dtype: Dtype = jnp.float32
   in_channels: int | None = None
-  fast_cpu_grad: bool = True
+  conv: ModuleDef = Conv
+
+  input_multiple: ClassVar[int] = 2**DEPTH
+  attention_maps: ClassVar[tuple[str, ...]] = PAPER_ATTENTION_MAPS
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False):
@@ -94,34 +107,35 @@ class SCOATNet(nn.Module):
     if len(self.widths) != DEPTH + 1:
       raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
     widths, dtype = tuple(self.widths), self.dtype
-    opts = dict(dtype=dtype, fast_cpu_grad=self.fast_cpu_grad)
+    conv = layers.conv_def(self.conv, dtype=dtype)
+    blocks = dict(conv=conv, norm=layers.norm_def(train=train, dtype=dtype))
 
     x = x.astype(dtype)
     up = layers.upsample2x_align_corners
     node: dict[tuple[int, int], jax.Array] = {}
-    node[0, 0] = layers.ResBlock(widths[0], **opts, name="x_0_0")(x, train=train)
+    node[0, 0] = layers.ResBlock(widths[0], **blocks, name="x_0_0")(x)
     # Column by column, as UNet++ grows: each new encoder node x_{d}_0 lets
     # the diagonal x_{d-1}_1, x_{d-2}_2, ..., x_0_{d} be computed.
     for depth in range(1, DEPTH + 1):
-      node[depth, 0] = layers.ResBlock(widths[depth], **opts, name=f"x_{depth}_0")(
-          layers.max_pool2x(node[depth - 1, 0]), train=train)
+      node[depth, 0] = layers.ResBlock(widths[depth], **blocks, name=f"x_{depth}_0")(
+          layers.max_pool2x(node[depth - 1, 0]))
       for j in range(1, depth + 1):
         i = depth - j
         u = up(node[i + 1, j - 1])
         same_row = [node[i, k] for k in range(j)]
         if i == 0:
-          node[i, j] = layers.ResBlock(widths[i], **opts, name=f"x_{i}_{j}")(
-              jnp.concatenate(same_row + [u], axis=-1), train=train)
+          node[i, j] = layers.ResBlock(widths[i], **blocks, name=f"x_{i}_{j}")(
+              jnp.concatenate(same_row + [u], axis=-1))
         else:
-          u_attended, _ = layers.SpatialAttention(**opts, name=f"sam_{i}_{j}")(
-              node[i, j - 1], u, train=train)
-          node[i, j] = layers.ChannelAttentionBlock(widths[i], **opts, name=f"x_{i}_{j}")(
-              jnp.concatenate(same_row + [u_attended], axis=-1), train=train)
+          u_attended, _ = layers.SpatialAttention(**blocks, name=f"sam_{i}_{j}")(
+              node[i, j - 1], u)
+          node[i, j] = layers.ChannelAttentionBlock(
+              widths[i], **blocks, dtype=dtype, name=f"x_{i}_{j}")(
+                  jnp.concatenate(same_row + [u_attended], axis=-1))
 
     head_columns = range(1, DEPTH + 1) if self.deep_supervision else (DEPTH,)
     logits = [
-        layers.conv(self.num_classes, 3, name=f"head_{j}", **opts)(
-            node[0, j]).astype(jnp.float32)
+        conv(self.num_classes, 3, name=f"head_{j}")(node[0, j]).astype(jnp.float32)
         for j in head_columns
     ]
     return logits if self.deep_supervision else logits[0]

@@ -2,7 +2,7 @@
 
 The authors' model (GitHub: Phanzsx/SCOAT-Net) names its modules after the
 UNet++ grid; this project's Flax tree uses the names of the paper's figure.
-The correspondence (spec section 7):
+The correspondence (docs/design.md, "PyTorch names"):
 
     PyTorch                                   Flax (params / batch_stats)
     conv{i}_{j}.conv1|bn1|conv2|bn2           x_{i}_{j}/conv1|bn1|conv2|bn2

@@ -15,7 +15,7 @@
 // no padded, shifted or im2col copy is made. Built for a CPU with AVX-512
 // (`-march=native` defines __AVX512F__), the block is MR x 32 in 512-bit
 // registers instead (MR up to 12: 24 accumulators of the 32 registers), which
-// ran about twice as fast on an AMD Zen 5 (2026-11-27); the last 8 columns of a
+// runs about twice as fast on an AMD Zen 5; the last 8 columns of a
 // C_out that is 8 more than a multiple of 16 still take the AVX2 block.
 //
 // Exposed to JAX through the XLA FFI as the handler symbol

@@ -41,7 +41,7 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
 
   On Slurm and Open MPI, JAX reads the coordinator, process count and index
   from the environment. A plain launch sets JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID (see BUILD.md).
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (README, "Several hosts").
 
   Args:
     force: initialise even when no cluster environment is detected.

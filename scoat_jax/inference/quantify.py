@@ -27,9 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from scoat_jax import metrics
+from scoat_jax.evaluation import metrics
 from scoat_jax.data.ct_io import Geometry
-from scoat_jax.lung_mask import lung_mask
+from scoat_jax.data.lung_mask import lung_mask
 
 CLASS_NAMES = {1: "ggo", 2: "consolidation"}
 

@@ -11,8 +11,8 @@ per 256-px step on the 2-core machine, a quarter of its CPU time.
 never use `mmap` for large blocks, and never to give freed heap back to the
 system. The next call then reuses the pages of the last. The cost is memory:
 the process holds its high-water mark until it exits, and a large block that no
-longer fits the hole it left grows the heap once more (BUILD.md: a 512-px
-prediction loop settled at 4.6 GiB against 2.3 GiB without).
+longer fits the hole it left grows the heap once more (a 512-px prediction
+loop settled at 4.6 GiB against 2.3 GiB without; benchmarks/README.md).
 
 Only the command-line entry points call it (training, prediction, follow-up,
 report, benchmarks), before JAX starts its threads: a library import must not change

@@ -1,9 +1,9 @@
 """Training and evaluation batches of CT slices, with grain over a TFDS data source.
 
 API: `train_batches`, `eval_batches`, `eval_case_ids`, `num_train_examples`,
-`ensure_dataset` (generates the phantom on first use), and the per-slice
-`prepare_slice` / `warp` used by both (and by inference code that wants the
-same preprocessing).
+`ensure_dataset` (builds a dataset that can build itself on first use). Each
+slice is prepared by `scoat_jax.data.preprocess.prepare_slice`, the same code
+inference runs.
 
 Config fields read from `data_cfg` (an ml_collections.ConfigDict, `config.data`):
   name              dataset: 'covid_semiseg', 'ct_volumes[/config]', 'ct_phantom[/config]'.
@@ -21,14 +21,6 @@ Config fields read from `data_cfg` (an ml_collections.ConfigDict, `config.data`)
   slices            'all' | 'opacity' | 'lung': which training slices to use
                     (evaluation always sees every stored slice of a case, so
                     volume metrics cover the whole stored volume).
-
-Geometry. Each slice is normalised to [0, 1] (scoat_jax.data.intensity.normalize,
-source taken from the dataset's metadata), intensity-jittered, then resampled by
-ONE affine warp that composes letterboxing (keep the aspect ratio, fit the long
-side to S, centre, pad with 0 = the normalised value of air) with the random
-flip, rotation and scale: scipy.ndimage.affine_transform, order 1 for the
-image and order 0 (nearest) for the mask. One warp instead of four saves time
-and avoids blurring the image repeatedly.
 
 Determinism. Training positions are numbered p = step * global_batch + j.
 Position p reads training record perm_e[p mod N], where N is the number of
@@ -49,16 +41,14 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
-import math
 import weakref
 from collections.abc import Iterator
 
 import grain
 import numpy as np
-from scipy import ndimage
 
-from scoat_jax import folds
-from scoat_jax.data.intensity import normalize
+from scoat_jax.data import folds, preprocess
+from scoat_jax import datasets
 from scoat_jax.datasets import base as ds_base
 
 _SPLITS = ("train", "validation", "all")
@@ -73,7 +63,7 @@ class PipelineError(ValueError):
 def _field(cfg, name, default=None):
   value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
   if value is None:
-    raise PipelineError(f"config.data.{name} is missing; set it (see scoat_jax/input_pipeline.py)")
+    raise PipelineError(f"config.data.{name} is missing; set it (scoat_jax/configs/default.py)")
   return value
 
 
@@ -84,7 +74,7 @@ def _open(data_cfg) -> ds_base.SliceDataset:
 
 
 def ensure_dataset(data_cfg) -> str:
-  """Makes sure the configured dataset is built, generating `ct_phantom` on first use.
+  """Makes sure the configured dataset is built, building one that `BUILDS_ITSELF` on first use.
 
   The phantom needs no input, so it is built into data_dir when missing (the
   default cohort takes ~15-50 s on a 2-core CPU). Datasets made from user files
@@ -105,10 +95,16 @@ def ensure_dataset(data_cfg) -> str:
   try:
     return ds_base.open_source(name, data_dir).name
   except ds_base.DatasetNotBuiltError:
-    if name.partition("/")[0] != "ct_phantom":
+    builder = datasets.BUILDERS.get(name.partition("/")[0])
+    if builder is None or not builder.BUILDS_ITSELF:
       raise
   from scoat_jax.datasets import build  # pylint: disable=g-import-not-at-top
   return build.build(name, data_dir)
+
+
+def intensity(data_cfg) -> str:
+  """How the configured dataset stores its slices: 'hu' or 'uint8' (8-bit exports)."""
+  return _open(data_cfg).intensity
 
 
 def _split_scans(data_cfg, ds: ds_base.SliceDataset, split: str) -> list[ds_base.ScanEntry]:
@@ -159,108 +155,6 @@ def eval_case_ids(data_cfg, split: str = "validation") -> list[str]:
   return [s.scan_id for s in _split_scans(data_cfg, _open(data_cfg), split)]
 
 
-# ----------------------------------------------------------------------------
-# One slice.
-
-def warp_matrix(shape: tuple[int, int], size: int, *, flip: bool = False, angle: float = 0.0,
-                scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-  """The affine map (output pixel -> input pixel) of letterbox + flip + rotation + scale.
-
-  Forward (input i -> output o, (row, col) coordinates about the centres):
-  o - c_o = s0 * scale * R(angle) F (i - c_i), with s0 = size / max(H, W) the
-  letterbox zoom and F the left-right flip; affine_transform needs the inverse.
-  A positive angle turns the slice counter-clockwise as displayed (row 0 at the
-  top), i.e. angle=90 gives np.rot90(slice).
-
-  Args:
-    shape: (H, W) of the input slice.
-    size: side of the square output.
-    flip: mirror columns.
-    angle: rotation in degrees.
-    scale: extra zoom (>1 enlarges).
-
-  Returns:
-    (matrix (2, 2), offset (2,)) for scipy.ndimage.affine_transform.
-  """
-  h, w = shape
-  zoom = size / max(h, w) * scale
-  t = math.radians(angle)
-  rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
-  mirror = np.diag([1.0, -1.0 if flip else 1.0])
-  matrix = mirror @ rot.T / zoom
-  c_in = np.array([(h - 1) / 2, (w - 1) / 2])
-  c_out = np.array([(size - 1) / 2, (size - 1) / 2])
-  return matrix, c_in - matrix @ c_out
-
-
-def prepare_slice(image: np.ndarray, mask: np.ndarray, *, source: str, window, size: int,
-                  num_classes: int, rng: np.random.Generator | None = None,
-                  aug: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Normalises, augments and letterboxes one slice.
-
-  Args:
-    image: (H, W) raw intensities (int16 HU or uint8).
-    mask: (H, W) uint8 labels {0, 1, 2}.
-    source: 'hu' or 'uint8' (from the dataset metadata).
-    window: HU window (lo, hi).
-    size: output side S.
-    num_classes: 1 (mask > 0) or 3 (labels kept).
-    rng: augmentation randomness; None means no augmentation.
-    aug: flip, rotate_degrees, scale_range, intensity_jitter (used with rng).
-
-  Returns:
-    (image (S, S) float32 in [0, 1], mask (S, S) int32).
-  """
-  img = normalize(image, source, window=tuple(window)).astype(np.float32, copy=False)
-  flip, angle, scale = False, 0.0, 1.0
-  if rng is not None:
-    aug = aug or {}
-    # Draw every parameter every time so each stream has a fixed layout.
-    u = rng.random(5)
-    flip = bool(aug.get("flip", False)) and u[0] < 0.5
-    deg = float(aug.get("rotate_degrees", 0.0))
-    angle = (2 * u[1] - 1) * deg
-    lo, hi = aug.get("scale_range", (1.0, 1.0))
-    scale = lo + (hi - lo) * u[2]
-    j = float(aug.get("intensity_jitter", 0.0))
-    if j > 0:
-      # Before the warp, so that letterbox padding stays exactly 0.
-      img = np.clip(img * (1 - j + 2 * j * u[3]) + (2 * u[4] - 1) * j, 0.0, 1.0)
-  if mask.shape != image.shape:
-    raise PipelineError(f"image {image.shape} and mask {mask.shape} differ; rebuild the dataset")
-  lab = mask if num_classes == 3 else (mask > 0).astype(np.uint8)
-  return warp(img, lab, size, flip=flip, angle=angle, scale=scale)
-
-
-def warp(image: np.ndarray, mask: np.ndarray, size: int, *, flip: bool = False,
-         angle: float = 0.0, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-  """Letterboxes (and flips/rotates/scales) a normalised slice and its mask in one warp.
-
-  Args:
-    image: (H, W) float32 in [0, 1].
-    mask: (H, W) integer labels.
-    size: output side S.
-    flip, angle, scale: as in `warp_matrix`.
-
-  Returns:
-    (image (S, S) float32, mask (S, S) int32); outside the input both are 0.
-  """
-  if image.shape == (size, size) and not flip and angle == 0.0 and scale == 1.0:
-    return np.ascontiguousarray(image, np.float32), mask.astype(np.int32)
-  matrix, offset = warp_matrix(image.shape, size, flip=flip, angle=angle, scale=scale)
-  out = ndimage.affine_transform(image.astype(np.float32, copy=False), matrix, offset,
-                                 output_shape=(size, size), order=1, mode="constant", cval=0.0,
-                                 prefilter=False)
-  if mask.any():
-    lab = ndimage.affine_transform(mask.astype(np.uint8, copy=False), matrix, offset,
-                                   output_shape=(size, size), order=0, mode="constant", cval=0)
-  else:
-    # Most CT slices show no opacity; their warped mask is zeros anyway, and
-    # skipping the warp saves ~40% of an augmented slice's cost.
-    lab = np.zeros((size, size), np.uint8)
-  return np.clip(out, 0.0, 1.0, out=out), lab.astype(np.int32)
-
-
 class _SliceReader:
   """Picklable (for grain workers) reader of prepared slices of one dataset."""
 
@@ -297,9 +191,9 @@ class _SliceReader:
 
   def read(self, record: int, rng: np.random.Generator | None):
     ex = self.ds.source[int(record)]
-    image, mask = prepare_slice(ex["image"], ex["mask"], source=self.ds.intensity,
-                                window=self.window, size=self.size, num_classes=self.num_classes,
-                                rng=rng if self.augment else None, aug=self.aug)
+    image, mask = preprocess.prepare_slice(
+        ex["image"], ex["mask"], source=self.ds.intensity, window=self.window, size=self.size,
+        num_classes=self.num_classes, rng=rng if self.augment else None, aug=self.aug)
     return image, mask, ex
 
   def voxel_volume_ml(self, ex) -> float:

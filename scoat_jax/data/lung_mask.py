@@ -1,7 +1,7 @@
 """Classical lung segmentation of chest CT in Hounsfield units (NumPy/SciPy).
 
 Used as the denominator of the percentage of infection (POI = lesion volume /
-lung volume, ../shared/design/SCOAT_NET.md section 5) and to pick slices that
+lung volume; docs/design.md, "Quantification") and to pick slices that
 contain lung. Steps:
 
 1. Threshold: voxels below -320 HU are air or lung.

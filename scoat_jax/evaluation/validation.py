@@ -10,45 +10,17 @@ per-case results are gathered at the end.
 from __future__ import annotations
 
 import collections
-import functools
 from typing import Any, Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from scoat_jax import metrics as metrics_lib
-from scoat_jax import parallel
+from scoat_jax.common import parallel
+from scoat_jax.evaluation import metrics as metrics_lib
+from scoat_jax.models import outputs
 
 METRIC_NAMES = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
-
-
-def probabilities(logits, *, num_classes: int, average_heads: bool = False) -> jax.Array:
-  """Logits (or the list of deep-supervision logits) -> class probabilities (B, H, W, C).
-
-  Sigmoid for one class, softmax for three. With `average_heads` the heads'
-  probabilities are averaged; otherwise the last head (x_0_4) decides.
-  """
-  act = jax.nn.sigmoid if num_classes == 1 else functools.partial(jax.nn.softmax, axis=-1)
-  if isinstance(logits, (list, tuple)):
-    if average_heads:
-      return jnp.mean(jnp.stack([act(l) for l in logits]), axis=0)
-    logits = logits[-1]
-  return act(logits)
-
-
-def labels_from_probabilities(probs: jax.Array) -> jax.Array:
-  """(B, H, W, C) probabilities -> uint8 labels: P > 0.5 for one class, argmax for three."""
-  if probs.shape[-1] == 1:
-    return (probs[..., 0] > 0.5).astype(jnp.uint8)
-  return jnp.argmax(probs, axis=-1).astype(jnp.uint8)
-
-
-def predict_labels(logits, *, num_classes: int, average_heads: bool = False) -> jax.Array:
-  """Logits (or a list of deep-supervision logits) -> integer labels (B, H, W)."""
-  return labels_from_probabilities(
-      probabilities(logits, num_classes=num_classes, average_heads=average_heads))
 
 
 def make_predict_fn(apply_fn: Callable, *, num_classes: int, average_heads: bool,
@@ -56,7 +28,7 @@ def make_predict_fn(apply_fn: Callable, *, num_classes: int, average_heads: bool
   """A jitted `(variables, images) -> labels`, batch sharded over `mesh`."""
   def predict(variables, images):
     logits = apply_fn(variables, images, train=False)
-    return predict_labels(logits, num_classes=num_classes, average_heads=average_heads)
+    return outputs.predict_labels(logits, num_classes=num_classes, average_heads=average_heads)
   return jax.jit(predict, in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
                  out_shardings=parallel.data_sharding(mesh))
 

@@ -2,8 +2,9 @@
 
 Each SAM is a one-channel gate a in (0, 1) that re-weights the up-sampled
 deeper feature, `u + a * u`. The model sows every gate as
-`intermediates/sam_{i}_{j}/attention` (see `scoat_jax.models.layers`); the
-paper shows those feeding x_1_1, x_2_2 and x_1_3. Row i of the grid works at
+`intermediates/sam_{i}_{j}/attention` (see `scoat_jax.models.layers`) and
+names the ones it exports in `attention_maps`: the paper shows those feeding
+x_1_1, x_2_2 and x_1_3. Row i of the grid works at
 1/2^i of the model's input size, so a map is up-sampled to the input size
 (each map pixel covers a 2^i x 2^i block: grid-mode linear zoom) and then
 taken back through the inverse letterbox onto the slice's own grid, where it
@@ -23,27 +24,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from scoat_jax import fileio, infer  # noqa: E402
+from scoat_jax.common import fileio  # noqa: E402
+from scoat_jax.data import preprocess  # noqa: E402
+from scoat_jax.inference.predictor import Predictor  # noqa: E402
 
-# The SAM maps the paper shows: the gates feeding x_1_1, x_2_2 and x_1_3.
-NODES = ("sam_1_1", "sam_2_2", "sam_1_3")
-_TITLES = {"sam_1_1": "SAM x_1_1", "sam_2_2": "SAM x_2_2", "sam_1_3": "SAM x_1_3"}
+
+def _title(name: str) -> str:
+  """'sam_1_1' -> 'SAM x_1_1' (the node the gate feeds)."""
+  return "SAM x_" + name[len("sam_"):] if name.startswith("sam_") else name
 
 
 @functools.lru_cache(maxsize=4)
 def _sam_fn(model: nn.Module):
+  names = tuple(type(model).attention_maps)
   def attend(variables, images):
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     # sow() stores a tuple of the values sown under a name; each SAM sows once.
-    return {name: state["intermediates"][name]["attention"][0][..., 0] for name in NODES}
+    return {name: state["intermediates"][name]["attention"][0][..., 0] for name in names}
   return jax.jit(attend)
 
 
 def sam_maps(model: nn.Module, variables, images) -> dict[str, np.ndarray]:
-  """The three SAM maps of a batch, on the model's grid.
+  """The attention maps a model exports (`attention_maps`) for a batch, on its grid.
 
   Args:
-    model: a SCOAT-Net module.
+    model: a network with `attention_maps` (SCOAT-Net: the three SAM maps of Fig. 5).
     variables: its {'params', 'batch_stats'}.
     images: (B, S, S, 1) network inputs.
 
@@ -65,20 +70,20 @@ def to_slice(attention_map: np.ndarray, size: int, shape: tuple[int, int]) -> np
   """
   full = ndimage.zoom(np.asarray(attention_map, np.float32), size / attention_map.shape[0],
                       order=1, mode="nearest", grid_mode=True)
-  return np.clip(infer.unwarp(full.astype(np.float32), shape, order=1), 0.0, 1.0)
+  return np.clip(preprocess.unwarp(full.astype(np.float32), shape, order=1), 0.0, 1.0)
 
 
-def slice_attention(predictor: infer.Predictor, image: np.ndarray, *,
+def slice_attention(predictor: Predictor, image: np.ndarray, *,
                     source: str = "hu") -> dict[str, np.ndarray]:
   """SAM maps of the predictor's first model for one raw slice, on the slice's grid.
 
   Args:
-    predictor: an `infer.Predictor` (an ensemble shows its first member).
+    predictor: a `Predictor` (an ensemble shows its first member).
     image: (H, W) raw slice (HU or 0..255).
     source: 'hu' or 'uint8'.
 
   Returns:
-    {name: (H, W) float32 in [0, 1]} for the names in NODES.
+    {name: (H, W) float32 in [0, 1]} for the model's `attention_maps`.
   """
   model = predictor.models[0]
   x = predictor.prepare(image, source)[None, :, :, None]
@@ -101,7 +106,7 @@ def save_overlay(path: str | pathlib.Path, image: np.ndarray, maps: dict[str, np
     The written path.
   """
   path = pathlib.Path(path)
-  names = [n for n in NODES if n in maps] + [n for n in maps if n not in NODES]
+  names = list(maps)
   h, w = np.shape(image)
   panel = 3.0
   fig, axes = plt.subplots(1, len(names) + 1, squeeze=False, layout="constrained",
@@ -116,7 +121,7 @@ def save_overlay(path: str | pathlib.Path, image: np.ndarray, maps: dict[str, np
     ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     im = ax.imshow(maps[name], cmap="jet", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
     # The gates share one colour scale; the range says how much a map varies.
-    ax.set_title(f"{_TITLES.get(name, name)}  [{maps[name].min():.2f}, {maps[name].max():.2f}]",
+    ax.set_title(f"{_title(name)}  [{maps[name].min():.2f}, {maps[name].max():.2f}]",
                  fontsize=9)
   for ax in axes:
     ax.set_axis_off()

@@ -81,12 +81,7 @@ def _soft_dice_per_image(p: jax.Array, y: jax.Array) -> jax.Array:
 def mae(logits: jax.Array, target: jax.Array) -> jax.Array:
   """Mean absolute error between sigmoid probabilities and the target.
 
-  Args:
-    logits: (B, H, W, 1) or (B, H, W) logits, any float dtype.
-    target: (B, H, W) or (B, H, W, 1) target in {0, 1}.
-
-  Returns:
-    Scalar float32 loss.
+  Shapes as in the module docstring; returns a float32 scalar.
   """
   x, y = _binary_inputs(logits, target, "mae")
   return jnp.mean(jnp.abs(jax.nn.sigmoid(x) - y))
@@ -95,12 +90,7 @@ def mae(logits: jax.Array, target: jax.Array) -> jax.Array:
 def bce(logits: jax.Array, target: jax.Array) -> jax.Array:
   """Mean binary cross-entropy, computed from logits without overflow.
 
-  Args:
-    logits: (B, H, W, 1) or (B, H, W) logits, any float dtype.
-    target: (B, H, W) or (B, H, W, 1) target in {0, 1}.
-
-  Returns:
-    Scalar float32 loss.
+  Shapes as in the module docstring; returns a float32 scalar.
   """
   x, y = _binary_inputs(logits, target, "bce")
   return jnp.mean(_bce_elementwise(x, y))
@@ -109,12 +99,7 @@ def bce(logits: jax.Array, target: jax.Array) -> jax.Array:
 def dice(logits: jax.Array, target: jax.Array) -> jax.Array:
   """Soft Dice loss: 1 - batch mean of the per-image Dice ratio.
 
-  Args:
-    logits: (B, H, W, 1) or (B, H, W) logits, any float dtype.
-    target: (B, H, W) or (B, H, W, 1) target in {0, 1}.
-
-  Returns:
-    Scalar float32 loss.
+  Shapes as in the module docstring; returns a float32 scalar.
   """
   x, y = _binary_inputs(logits, target, "dice")
   return 1.0 - jnp.mean(_soft_dice_per_image(jax.nn.sigmoid(x), y))
@@ -123,12 +108,7 @@ def dice(logits: jax.Array, target: jax.Array) -> jax.Array:
 def iou(logits: jax.Array, target: jax.Array) -> jax.Array:
   """Soft Jaccard (IoU) loss: 1 - batch mean of the per-image IoU ratio.
 
-  Args:
-    logits: (B, H, W, 1) or (B, H, W) logits, any float dtype.
-    target: (B, H, W) or (B, H, W, 1) target in {0, 1}.
-
-  Returns:
-    Scalar float32 loss.
+  Shapes as in the module docstring; returns a float32 scalar.
   """
   x, y = _binary_inputs(logits, target, "iou")
   p = jax.nn.sigmoid(x)
@@ -239,8 +219,18 @@ def get_loss(name: str, **kwargs) -> LossFn:
              if p.kind is inspect.Parameter.KEYWORD_ONLY]
   unknown = sorted(set(kwargs) - set(options))
   if unknown:
-    raise ValueError(f"loss {name!r} has no option(s) {unknown}; its options: {options or 'none'}.")
+    raise ValueError(f"loss {name!r} has no option(s) {unknown} (config.loss_kwargs); its "
+                     f"options: {options or 'none'}. --config=scoat_jax/configs/default.py:{name} "
+                     "starts from that loss's options.")
   return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def default_kwargs(name: str) -> dict:
+  """The keyword options of loss `name` with their default values (for configs)."""
+  if name not in LOSSES:
+    raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}.")
+  return {p.name: p.default for p in inspect.signature(LOSSES[name]).parameters.values()
+          if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 DEEP_SUPERVISION_MODES = ("mean", "last", "none")

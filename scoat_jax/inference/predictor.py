@@ -5,7 +5,7 @@
     labels, prob = predictor.predict_volume(ct.hu)               # (z, y, x)
 
 Every slice goes through exactly the preprocessing of training
-(`input_pipeline.prepare_slice`: `intensity.normalize` with the model's HU
+(`preprocess.prepare_slice`: `intensity.normalize` with the model's HU
 window, then the letterbox warp to `config.data.image_size`), then through
 one jitted forward pass whose batch is sharded over this process's devices
 (`Mesh(devices, ('data',))`, variables replicated). Predictions go back to the
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -40,11 +39,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from scipy import ndimage
 
-from scoat_jax import checkpoints, evaluation, input_pipeline, parallel, train
+from scoat_jax import checkpoints, models
 from scoat_jax.checkpoints import CheckpointError
+from scoat_jax.common import parallel
+from scoat_jax.data import preprocess
 from scoat_jax.data.intensity import HU_WINDOW, normalize
+from scoat_jax.models import outputs
 
 # Slices per device and forward pass when no batch size is given. On a CPU one
 # slice at a time is fastest and lightest (full model, 512 px, 2 cores: 4.7 s
@@ -95,29 +96,22 @@ class LoadedModel:
   def average_heads(self) -> bool:
     return bool(self.config.get("predict_average_heads", False))
 
+  @property
+  def intensity(self) -> str:
+    """How its training slices were stored: 'hu' (CT) or 'uint8' (8-bit exports)."""
+    return str(self.meta.get("intensity", "hu"))
+
   def describe(self) -> dict:
     """JSON-ready summary for reports: where the weights came from and what they are."""
-    return {"checkpoint": str(self.step_dir), "step": self.step, "model": self.config.model,
+    return {"checkpoint": str(self.step_dir), "step": self.step,
+            "model": self.config.model_name, "model_config": self.config.model.to_dict(),
             "loss": self.config.get("loss"), "num_classes": self.num_classes,
-            "image_size": self.image_size, "widths": list(self.config.widths),
+            "image_size": self.image_size,
             "fold": self.config.data.get("fold"), "dataset": self.config.data.get("name")}
 
 
 def _step_from_dir(step_dir: pathlib.Path) -> int | None:
   return int(step_dir.name) if step_dir.name.isdigit() else None
-
-
-def _read_meta(step_dir: pathlib.Path) -> dict:
-  path = step_dir / "meta" / "metadata"
-  try:
-    meta = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{step_dir}: cannot read its meta JSON {path} ({type(e).__name__}); "
-                          "pass a step saved by scoat_jax training.") from None
-  if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-    raise CheckpointError(f"{step_dir}: its meta JSON holds no training config; pass a step "
-                          "saved by scoat_jax training (train.py writes meta['config']).")
-  return meta
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -128,13 +122,11 @@ def _shapes(tree) -> dict[str, tuple]:
 
 def _check_weights(step_dir, config, model, variables, size: int) -> None:
   """Raises CheckpointError unless the weights fit the model the config describes."""
-  if size < 16 or size % 16:
-    raise CheckpointError(f"{step_dir}: config.data.image_size={size} is not a multiple of 16; "
-                          "the checkpoint's config is damaged.")
-  in_channels = int(config.get("in_channels", 1))
-  if in_channels != 1:
-    raise CheckpointError(f"{step_dir}: the model takes {in_channels} input channels (2.5D "
-                          "stacks); inference feeds one slice: use a 1-channel model.")
+  multiple = type(model).input_multiple
+  if size < multiple or size % multiple:
+    raise CheckpointError(f"{step_dir}: config.data.image_size={size} is not a multiple of "
+                          f"{multiple}; the checkpoint's config is damaged.")
+  # Training and inference feed one slice, one channel.
   want = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)),
                                            train=False))
   for part in ("params", "batch_stats"):
@@ -146,9 +138,9 @@ def _check_weights(step_dir, config, model, variables, size: int) -> None:
                 "is not part of that model" if need is None else
                 f"has shape {have} in the checkpoint but {need} in the model")
         raise CheckpointError(
-            f"{step_dir}: {part} {key} {what} (config: {config.model}, widths "
-            f"{tuple(config.widths)}, {config.num_classes} class(es), 1 input channel); the "
-            "weights belong to another model or shape: pass a checkpoint trained for it.")
+            f"{step_dir}: {part} {key} {what} (config: {config.model_name} "
+            f"{config.model.to_dict()}, 1 input channel); the weights belong to another model "
+            "or shape: pass a checkpoint trained for it.")
 
 
 def load_model(path: str | pathlib.Path) -> LoadedModel:
@@ -168,10 +160,10 @@ def load_model(path: str | pathlib.Path) -> LoadedModel:
   """
   with checkpoints.quiet_orbax():
     step_dir = checkpoints.resolve_step_dir(path)
-  meta = _read_meta(step_dir)
+  meta = checkpoints.read_meta(step_dir)
   config = ml_collections.ConfigDict(meta["config"])
   try:
-    model = train.create_model(config)
+    model = models.create_model(config)
     size = int(config.data.image_size)
     window = [float(v) for v in config.data.get("hu_window", HU_WINDOW)]
     if len(window) != 2:
@@ -224,46 +216,22 @@ def _forward_fn(models: tuple[nn.Module, ...], average_heads: tuple[bool, ...], 
   def probs(variables, images):
     total = 0.0
     for model, v, avg in zip(models, variables, average_heads):
-      total = total + evaluation.probabilities(model.apply(v, images, train=False),
+      total = total + outputs.probabilities(model.apply(v, images, train=False),
                                      num_classes=num_classes, average_heads=avg)
       if tta:
         flipped = model.apply(v, images[:, :, ::-1], train=False)
-        total = total + evaluation.probabilities(flipped, num_classes=num_classes,
+        total = total + outputs.probabilities(flipped, num_classes=num_classes,
                                        average_heads=avg)[:, :, ::-1]
     return total / (len(models) * (2 if tta else 1))
 
   def forward(variables, images):
     p = probs(variables, images)
     opacity = p[..., 0] if num_classes == 1 else 1.0 - p[..., 0]
-    return evaluation.labels_from_probabilities(p), opacity
+    return outputs.labels_from_probabilities(p), opacity
 
   data = parallel.data_sharding(mesh)
   return jax.jit(forward, in_shardings=(parallel.replicated(mesh), data),
                  out_shardings=(data, data))
-
-
-def unwarp(x: np.ndarray, shape: tuple[int, int], *, order: int) -> np.ndarray:
-  """Maps a model-grid (S, S) array back onto the (H, W) slice it was letterboxed from.
-
-  The exact inverse of `input_pipeline.warp` without augmentation.
-
-  Args:
-    x: (S, S) labels or probabilities on the model's grid.
-    shape: (H, W) of the original slice.
-    order: 0 (nearest: labels) or 1 (linear: probabilities, attention).
-
-  Returns:
-    (H, W) array of x's dtype.
-  """
-  size = x.shape[0]
-  shape = tuple(int(s) for s in shape)
-  if shape == (size, size):
-    return x
-  matrix, offset = input_pipeline.warp_matrix(shape, size)
-  inverse = np.linalg.inv(matrix)
-  # The letterbox map is a zoom (diagonal); a 1-D matrix takes scipy's fast path.
-  return ndimage.affine_transform(x, np.diag(inverse), -inverse @ offset, output_shape=shape,
-                                  order=order, mode="nearest", prefilter=False)
 
 
 class Predictor:
@@ -307,7 +275,7 @@ class Predictor:
     image = np.asarray(image)
     if image.ndim != 2 or min(image.shape) < 1:
       raise InferenceError(f"a slice must be a 2-D (H, W) array, got shape {image.shape}")
-    out, _ = input_pipeline.prepare_slice(
+    out, _ = preprocess.prepare_slice(
         image, np.zeros(image.shape, np.uint8), source=source, window=self.hu_window,
         size=self.image_size, num_classes=self.num_classes)
     return out
@@ -349,10 +317,11 @@ class Predictor:
         return
       pending = current
 
-  def _finish(self, shapes, outputs):
-    labels, probs = (np.asarray(o) for o in outputs)
+  def _finish(self, shapes, results):
+    labels, probs = (np.asarray(r) for r in results)
     for k, shape in enumerate(shapes):
-      yield unwarp(labels[k], shape, order=0), unwarp(probs[k], shape, order=1)
+      yield (preprocess.unwarp(labels[k], shape, order=0),
+             preprocess.unwarp(probs[k], shape, order=1))
 
   def predict_volume(self, hu: np.ndarray, *, source: str = "hu", with_probability: bool = False,
                      progress: Callable[[int], None] | None = None

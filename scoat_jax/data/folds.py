@@ -1,7 +1,7 @@
 """K-fold cross-validation split by case (patient), never by slice.
 
-SCOAT-Net is evaluated with 5-fold cross-validation split by patient (see
-../shared/design/SCOAT_NET.md, section 4): every slice of a patient lands in the
+SCOAT-Net is evaluated with 5-fold cross-validation split by patient
+(docs/design.md, "Training recipe"): every slice of a patient lands in the
 same fold, so no validation patient was seen during training. The split is a
 pure function of the set of case ids and the seed, so every host and every
 resumed run agrees on it without communicating.

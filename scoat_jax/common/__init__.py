@@ -1,0 +1,1 @@
+"""What every layer may use: file writing, command-line plumbing, devices and runtime set-up."""

@@ -1,0 +1,250 @@
+r"""Cross-validation report in the paper's layout (Table II, box plots of Fig. 3): the library.
+
+    python -m scoat_jax.report --workdirs runs/fold* --output=reports/cv
+    python -m scoat_jax.report --workdirs=runs/scoat_f0,runs/scoat_f1 \
+        --workdirs=runs/unet_f0,runs/unet_f1 --labels=SCOAT-Net,SCOAT-Net,U-Net,U-Net --output=DIR
+
+For every training workdir the best checkpoint (by validation DSC, see
+`scoat_jax.checkpoints`) is found and its meta JSON read: at each evaluation
+train.py stores there the per-case metrics of the fold's validation cases
+('per_case': case_id, dsc, sen, ppv, va, rlp, rlr). Runs are grouped into
+rows by `config.model_name` and `config.loss` from `<workdir>/config.json`, or by
+--labels (one per workdir, in order). The cases of a row's folds are pooled
+(each case is validated in exactly one fold) and summarised as mean ± std
+(population std, as in the training logs) and median over cases.
+
+Writes into --output: `cv_report.md` (the table, plus one line per run),
+`cv_report.csv` (one row per model/loss: mean, std, median of each metric),
+`cv_per_case.csv` (every case of every run) and `boxplot_<metric>.png` (one
+box per row, the cases as dots).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import io
+import json
+import pathlib
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed (servers, CI)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scoat_jax import checkpoints, configs  # noqa: E402
+from scoat_jax.common import fileio  # noqa: E402
+from scoat_jax.evaluation import metrics as metrics_lib  # noqa: E402
+
+METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
+TITLES = {"dsc": "DSC", "sen": "SEN", "ppv": "PPV", "va": "VA", "rlp": "RLP", "rlr": "RLR"}
+OUTPUTS = ("cv_report.md", "cv_report.csv", "cv_per_case.csv") + tuple(
+    f"boxplot_{m}.png" for m in METRICS)
+
+
+class ReportError(ValueError):
+  """A workdir or request the report cannot use; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class Run:
+  """One fold's run: where it is, its best step and the per-case metrics there."""
+  workdir: pathlib.Path
+  label: str
+  fold: int | None
+  step: int
+  per_case: list[dict]
+
+
+def expand_workdirs(patterns: Sequence[str]) -> list[pathlib.Path]:
+  """Workdir arguments -> folders (comma lists and unexpanded globs are expanded)."""
+  out: list[pathlib.Path] = []
+  for pattern in patterns:
+    for part in (p.strip() for p in str(pattern).split(",")):
+      if not part:
+        continue
+      matches = sorted(glob.glob(str(pathlib.Path(part).expanduser()))) if glob.has_magic(part) else [part]
+      if not matches:
+        raise ReportError(f"--workdirs={part}: matches no folder; check the pattern.")
+      out += [pathlib.Path(m).expanduser() for m in matches]
+  if not out:
+    raise ReportError("no workdir given; pass --workdirs runs/fold* (training workdirs).")
+  seen = set()
+  for w in out:
+    if w.resolve() in seen:
+      raise ReportError(f"--workdirs names {w} twice; give each run once.")
+    seen.add(w.resolve())
+  return out
+
+
+def _check_case(workdir: pathlib.Path, step_dir: pathlib.Path, i: int, case) -> dict:
+  if not isinstance(case, dict) or "case_id" not in case:
+    raise ReportError(f"{step_dir}: per_case[{i}] has no case_id; re-evaluate the run with "
+                      "this version's train.py.")
+  row = {"case_id": str(case["case_id"])}
+  for m in METRICS:
+    v = case.get(m)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+      raise ReportError(f"{step_dir}: per_case[{i}] ({case['case_id']}) has {m}={v!r}, not a "
+                        "number in [0, 1]; the checkpoint's metadata is damaged.")
+    row[m] = float(v)
+  return row
+
+
+def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
+  """Reads one workdir's config and the per-case metrics of its best checkpoint.
+
+  Raises:
+    ReportError / CheckpointError: no config.json, no checkpoint, or a best
+      step without per-case metrics.
+  """
+  workdir = pathlib.Path(workdir)
+  try:
+    config = configs.upgrade(json.loads((workdir / "config.json").read_text(encoding="utf-8")))
+  except (OSError, ValueError) as e:
+    raise ReportError(f"{workdir}: no readable config.json ({type(e).__name__}); pass training "
+                      "workdirs (python -m scoat_jax.main --workdir=...).") from None
+  with checkpoints.quiet_orbax():
+    step_dir = checkpoints.resolve_step_dir(workdir)
+  meta = checkpoints.read_meta(step_dir)
+  per_case = meta.get("per_case")
+  if not per_case:
+    raise ReportError(f"{step_dir}: its metadata holds no per-case metrics; evaluate the run "
+                      "with this version's train.py (it saves 'per_case' at each evaluation).")
+  rows = [_check_case(workdir, step_dir, i, c) for i, c in enumerate(per_case)]
+  if label is None:
+    label = f"{config.get('model_name', '?')} / {config.get('loss', '?')}"
+  fold = (config.get("data") or {}).get("fold")
+  step = int(step_dir.name) if step_dir.name.isdigit() else int(meta.get("step", -1))
+  return Run(workdir, label, fold, step, rows)
+
+
+def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
+  """Runs by label, in order of first appearance; a label's folds and cases must not repeat."""
+  groups: dict[str, list[Run]] = {}
+  for run in runs:
+    groups.setdefault(run.label, []).append(run)
+  for label, members in groups.items():
+    folds, cases = {}, {}
+    for r in members:
+      if r.fold is not None and r.fold in folds:
+        raise ReportError(f"{r.workdir} and {folds[r.fold]} are both fold {r.fold} of '{label}'; "
+                          "give each fold once, or separate the runs with --labels.")
+      folds[r.fold] = r.workdir
+      for c in r.per_case:
+        if c["case_id"] in cases:
+          raise ReportError(f"case {c['case_id']} is validated in both {cases[c['case_id']]} and "
+                            f"{r.workdir} ('{label}'); each case must be in one fold only.")
+        cases[c["case_id"]] = r.workdir
+  return groups
+
+
+def summarise(groups: dict[str, list[Run]]) -> list[dict]:
+  """One row per group: runs, cases, and mean/std/median of each metric over pooled cases."""
+  rows = []
+  for label, members in groups.items():
+    cases = [{m: c[m] for m in METRICS} for r in members for c in r.per_case]
+    stats = metrics_lib.aggregate(cases)
+    row = {"model": label, "runs": len(members), "cases": len(cases)}
+    for m in METRICS:
+      row.update({f"{m}_mean": stats[m]["mean"], f"{m}_std": stats[m]["std"],
+                  f"{m}_median": stats[m]["median"]})
+    rows.append(row)
+  return rows
+
+
+def _csv(rows: list[dict]) -> str:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+  writer.writeheader()
+  writer.writerows(rows)
+  return buf.getvalue()
+
+
+def markdown(summary: list[dict], groups: dict[str, list[Run]]) -> str:
+  """The paper-style table (mean ± std, median in brackets) and a list of the runs used."""
+  lines = ["# Cross-validation results", "",
+           "Each cell: mean ± std (median) over the validation cases of all folds; each fold "
+           "scored at its best checkpoint (highest validation DSC).", "",
+           "| Model / loss | Folds | Cases | " + " | ".join(TITLES[m] for m in METRICS) + " |",
+           "|---|---:|---:|" + "---:|" * len(METRICS)]
+  for row in summary:
+    cells = [f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f} ({row[f'{m}_median']:.4f})"
+             for m in METRICS]
+    lines.append(f"| {row['model']} | {row['runs']} | {row['cases']} | " + " | ".join(cells) + " |")
+  lines += ["", "## Runs", "", "| Model / loss | Workdir | Fold | Best step | Cases | DSC |",
+            "|---|---|---:|---:|---:|---:|"]
+  for label, members in groups.items():
+    for r in members:
+      dsc = float(np.mean([c["dsc"] for c in r.per_case]))
+      lines.append(f"| {label} | {r.workdir} | {'' if r.fold is None else r.fold} | {r.step} | "
+                   f"{len(r.per_case)} | {dsc:.4f} |")
+  return "\n".join(lines) + "\n"
+
+
+def boxplot(groups: dict[str, list[Run]], metric: str, path: pathlib.Path) -> pathlib.Path:
+  """Box plot of one metric: one box per group, every case as a jittered dot."""
+  labels = list(groups)
+  values = [[c[metric] for r in groups[k] for c in r.per_case] for k in labels]
+  # At least 3.6 inches wide, so the two-line title fits above a single box.
+  fig, ax = plt.subplots(figsize=(max(3.6, 1.6 + 1.4 * len(labels)), 4))
+  # Every case is drawn as a dot, so the fliers would draw the outliers twice.
+  ax.boxplot(values, showmeans=True, showfliers=False, widths=0.5,
+             meanprops={"marker": "^", "markerfacecolor": "tab:green", "markeredgecolor": "none"})
+  rng = np.random.default_rng(0)  # fixed jitter: the same plot every time
+  for k, v in enumerate(values, start=1):
+    ax.scatter(k + rng.uniform(-0.12, 0.12, len(v)), v, s=10, alpha=0.6, color="tab:blue", zorder=3)
+  ax.set_xticks(range(1, len(labels) + 1), [f"{k}\n(n = {len(v)})" for k, v in zip(labels, values)],
+                rotation=15 if len(labels) > 2 else 0, fontsize=8)
+  ax.set_ylim(-0.03, 1.03)
+  ax.set_ylabel(TITLES[metric])
+  ax.set_title(f"{TITLES[metric]} per case\n(box: quartiles, line: median, triangle: mean)",
+               fontsize=9)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  try:
+    fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+  finally:
+    plt.close(fig)
+  return path
+
+
+def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
+        overwrite: bool = False) -> list[dict]:
+  """Reads every run, then writes the report files; the programmatic form of the CLI.
+
+  Args:
+    workdirs: training workdirs (globs and comma lists allowed).
+    output: folder for the report (created after every run is read).
+    labels: one row label per workdir (default: 'model / loss' from config.json).
+    overwrite: replace an earlier report in `output`.
+
+  Returns:
+    The summary rows (as in cv_report.csv).
+  """
+  paths = expand_workdirs(workdirs)
+  labels = [l.strip() for spec in labels for l in str(spec).split(",") if l.strip()]
+  if labels and len(labels) != len(paths):
+    raise ReportError(f"--labels gives {len(labels)} label(s) for {len(paths)} workdir(s); give "
+                      "one per workdir, in the same order.")
+  output = pathlib.Path(output).expanduser()
+  if output.exists() and not output.is_dir():
+    raise ReportError(f"--output={output}: is a file; give a folder.")
+  existing = [n for n in OUTPUTS if (output / n).exists()]
+  if existing and not overwrite:
+    raise ReportError(f"--output={output}: holds an earlier report ({existing[0]}); choose a new "
+                      "folder or pass --overwrite.")
+  runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(paths)]
+  groups = group_runs(runs)
+  summary = summarise(groups)
+  per_case = [{"model": r.label, "workdir": str(r.workdir), "fold": r.fold, "step": r.step, **c}
+              for r in runs for c in r.per_case]
+  output.mkdir(parents=True, exist_ok=True)
+  for name, text in (("cv_report.md", markdown(summary, groups)), ("cv_report.csv", _csv(summary)),
+                     ("cv_per_case.csv", _csv(per_case))):
+    fileio.write_text(text, output / name)
+  for m in METRICS:
+    boxplot(groups, m, output / f"boxplot_{m}.png")
+  return summary

@@ -1,0 +1,78 @@
+"""One writer for a run's metrics: `metrics.jsonl` and TensorBoard together.
+
+Only the lead process (process 0) writes; on the others every call is a
+no-op, so the loop needs no `if is_lead` of its own.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from scoat_jax.evaluation import validation
+
+
+class MetricsWriter:
+  """Writes `<workdir>/metrics.jsonl` (one line per evaluation) and `<workdir>/tensorboard/`.
+
+  Use as a context manager; `truncate(step)` drops lines past a restored step
+  (written before a crash) so that a resumed run does not repeat them.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path):
+    self.workdir = pathlib.Path(workdir)
+    self.path = self.workdir / "metrics.jsonl"
+    self.enabled = jax.process_index() == 0
+    self._tb = None
+
+  def __enter__(self):
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # TensorBoard event files, no TensorFlow
+      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    return self
+
+  def __exit__(self, *exc):
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def truncate(self, max_step: int) -> None:
+    """Drops records whose step is past `max_step`."""
+    if not self.enabled or not self.path.exists():
+      return
+    kept = [l for l in self.path.read_text().splitlines()
+            if l and json.loads(l)["step"] <= max_step]
+    tmp = self.path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in kept))
+    tmp.replace(self.path)
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    """TensorBoard scalars, e.g. {'train/loss': 0.3}."""
+    if self._tb is not None:
+      for name, value in scalars.items():
+        self._tb.add_scalar(name, value, step)
+
+  def write_evaluation(self, record: dict, overlays=()) -> None:
+    """One metrics.jsonl line, its scalars and the (image, truth, prediction) overlays."""
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    step = record["step"]
+    for k, v in record.items():
+      if k.startswith("val_"):
+        self._tb.add_scalar(f"eval/{k}", v, step)
+      elif k == "train_loss":
+        self._tb.add_scalar("train/epoch_loss", v, step)
+    for i, (image, truth, pred) in enumerate(overlays):
+      self._tb.add_image(f"overlay/{i}", validation.overlay_rgb(image, truth, pred), step,
+                         dataformats="HWC")
+    self._tb.flush()
+
+
+def summary_line(record: dict) -> str:
+  """'val_dsc 0.8123  val_sen ...' with the means only (no _std or _median)."""
+  return "  ".join(f"{k} {v:.4f}" for k, v in record.items()
+                   if k.startswith("val_") and "_" not in k[4:] and np.isscalar(v))

@@ -1,0 +1,74 @@
+"""Every command speaks the same way: one `error:` line and exit status 2 for a bad flag or
+config (nothing written), quiet library logs, console scripts for each command."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd,
+                        timeout=300)
+
+
+def _one_error_line(proc) -> str:
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.widhts=3", "did you mean --config.model.widths?"),
+    ("--config.model.widhts=3", "did you mean --config.model.widths?"),
+    ("--config.data.image_sise=64", "did you mean --config.data.image_size?"),
+    ("--config.batch_size=abc", "--config.batch_size"),
+])
+def test_a_misspelt_or_bad_config_field_is_one_line(tmp_path, override, expected):
+  workdir = tmp_path / "run"
+  line = _one_error_line(_run("scoat_jax.main", "--flagfile=launch/demo.cfg", override,
+                              f"--workdir={workdir}"))
+  assert expected in line, line
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("scoat_jax.main", "--bogus"), "bogus"),
+    (("scoat_jax.main", "--config=nowhere.py", "--workdir=x"), "nowhere.py"),
+    (("scoat_jax.predict",), "--checkpoint is required"),
+    (("scoat_jax.predict", "--checkpoint=x", "--input=y", "--output=z", "extra"), "unexpected arguments"),
+    (("scoat_jax.followup",), "--output is required"),
+    (("scoat_jax.datasets.build",), "give one dataset name"),
+    (("scoat_jax.datasets.build", "nope"), "unknown dataset 'nope'"),
+    (("scoat_jax.data.phantom",), "--out is required"),
+    (("scoat_jax.report", "--workdirs=nowhere", "--output=out"), "nowhere"),
+])
+def test_every_command_fails_the_same_way(tmp_path, args, expected):
+  line = _one_error_line(_run(*args, cwd=tmp_path if args[0] != "scoat_jax.main" else ROOT))
+  assert expected in line, line
+  assert not (tmp_path / "z").exists() and not (tmp_path / "out").exists()
+
+
+def test_console_scripts_name_the_commands():
+  text = (ROOT / "pyproject.toml").read_text()
+  for script, target in [("scoat-train", "scoat_jax.main:console_main"),
+                         ("scoat-predict", "scoat_jax.predict:console_main"),
+                         ("scoat-followup", "scoat_jax.followup:console_main"),
+                         ("scoat-report", "scoat_jax.report:console_main"),
+                         ("scoat-build-dataset", "scoat_jax.datasets.build:console_main"),
+                         ("scoat-phantom", "scoat_jax.data.phantom.__main__:console_main")]:
+    assert f'{script} = "{target}"' in text
+    module, _, function = target.partition(":")
+    __import__(module)
+    assert callable(getattr(sys.modules[module], function))
+
+
+def test_library_info_lines_are_hidden_unless_asked(tmp_path):
+  """Building the phantom dataset logs TFDS INFO lines; they show only with --verbosity=1."""
+  quiet = _run("scoat_jax.datasets.build", "ct_phantom/small", f"--data_dir={tmp_path / 'a'}")
+  assert quiet.returncode == 0, quiet.stderr[-2000:]
+  assert "dataset_info" not in quiet.stderr and "Downloading and preparing" not in quiet.stderr
+  assert "read it as data.name='ct_phantom/small'" in quiet.stdout
