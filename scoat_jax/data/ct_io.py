@@ -33,6 +33,9 @@ from scoat_jax.common import fileio
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 READ_SUFFIXES = WRITE_SUFFIXES + (".mhd",)
+# The DICOM tags kept as a series' metadata (`CTVolume.metadata`).
+DICOM_TAGS = {"patient_id": "0010|0020", "study_date": "0008|0020",
+              "series_description": "0008|103e", "series_uid": "0020|000e"}
 
 
 class CTError(ValueError):
@@ -257,15 +260,8 @@ def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Ima
     raise CTError(f"{path}: cannot read DICOM series {series_id} ({first_line(e)}); "
                   "check the files are complete CT images") from None
   _check_slice_positions(path, reader, image, len(files))
-  tags = {
-      "patient_id": "0010|0020",
-      "study_date": "0008|0020",
-      "series_description": "0008|103e",
-      "series_uid": "0020|000e"
-  }
-  meta = {
-      k: reader.GetMetaData(0, t).strip() for k, t in tags.items() if reader.HasMetaDataKey(0, t)
-  }
+  meta = {k: reader.GetMetaData(0, t).strip() for k, t in DICOM_TAGS.items()
+          if reader.HasMetaDataKey(0, t)}
   return image, meta
 
 

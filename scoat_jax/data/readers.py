@@ -162,6 +162,49 @@ def read_slice_image(path: str | pathlib.Path) -> np.ndarray:
   return np.ascontiguousarray(arr, np.uint8)
 
 
+def read_label_image(path: str | pathlib.Path) -> np.ndarray:
+  """Reads a 2-D 8-bit label image (PNG) as stored: palette indices or grey values.
+
+  A palette ('P') image keeps its indices (the labels), a grey one its values;
+  a grey image saved as RGB keeps its (equal) channels' value.
+
+  Raises:
+    InputError: unreadable or corrupt file, not 2-D, values beyond 8 bits.
+  """
+  from PIL import Image, UnidentifiedImageError
+  path = pathlib.Path(path)
+  try:
+    with Image.open(path) as im:
+      arr = np.asarray(im if im.mode in ("L", "P", "I;16", "I") else im.convert("L"))
+  except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    raise InputError(f"{path}: cannot decode this mask ({str(e).splitlines()[0]}); "
+                     "replace the corrupt file.") from None
+  if arr.ndim != 2:
+    raise InputError(f"{path}: mask has shape {arr.shape}, expected a 2-D image; save it as "
+                     "single-channel.")
+  if arr.dtype != np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
+    raise InputError(f"{path}: mask values {arr.min()}..{arr.max()} exceed 8 bits; save it as "
+                     "an 8-bit image.")
+  return np.ascontiguousarray(arr, np.uint8)
+
+
+def series_tags(directory: str | pathlib.Path) -> dict[str, str]:
+  """The `ct_io.DICOM_TAGS` of the DICOM series in `directory`, from its first file's header.
+
+  Cheap (no pixel data is read); {} for a folder without a series.
+  """
+  import SimpleITK as sitk
+  with ct_io.quiet_itk():
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory))
+  if not files:
+    return {}
+  reader = sitk.ImageFileReader()
+  reader.SetFileName(files[0])
+  reader.ReadImageInformation()
+  return {k: reader.GetMetaData(t).strip() for k, t in ct_io.DICOM_TAGS.items()
+          if reader.HasMetaDataKey(t)}
+
+
 def read_item(item: Item) -> Loaded:
   """Reads one input in full, checking it (`ct_io.read_ct` for volumes).
 

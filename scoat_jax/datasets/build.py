@@ -16,6 +16,8 @@ prints one line `error: ...` and exits with status 2 (`scoat_jax.common.cli`).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -28,6 +30,23 @@ from absl import flags, logging
 from scoat_jax import datasets
 from scoat_jax.common import cli
 from scoat_jax.datasets import base
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Hides what TFDS prints while it builds (its progress bars and the staging folder's
+  name, which is not where the dataset ends up) unless --verbosity is 1 or more."""
+  if logging.get_verbosity() >= 1:
+    yield
+    return
+  from tensorflow_datasets.core.utils import tqdm_utils
+  was = tqdm_utils._active  # pylint: disable=protected-access
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(was)
 
 
 def build(name: str, data_dir: str | None = None, manual_dir: str | None = None, *,
@@ -83,9 +102,10 @@ def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
   staging = tempfile.mkdtemp(prefix=".scoat_build_", dir=root)
   try:
     staged = cls(data_dir=staging, config=config)
-    staged.download_and_prepare(
-        download_dir=os.path.join(staging, "downloads"),
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    with _quiet_tfds():
+      staged.download_and_prepare(
+          download_dir=os.path.join(staging, "downloads"),
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     os.makedirs(os.path.dirname(final), exist_ok=True)
     config_marker = os.path.join(root, base_name, ".config")
     staged_marker = os.path.join(staging, base_name, ".config")
@@ -137,7 +157,6 @@ def main(argv):
                                          "shape")}
 
   def build_and_describe():
-    tfds.disable_progress_bar()
     if FLAGS.verbosity < 1:  # TFDS warns about every folder it creates
       logging.set_verbosity(logging.ERROR)
     t0 = time.perf_counter()

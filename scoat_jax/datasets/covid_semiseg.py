@@ -20,6 +20,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from scoat_jax.data import readers
 from scoat_jax.datasets import base
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -27,26 +28,11 @@ _MASK_EXTS = (".png",)
 
 
 def _decode(path: str, kind: str) -> np.ndarray:
-  """Decodes an image file to a 2-D uint8 array without changing its values."""
-  from PIL import Image, UnidentifiedImageError  # pillow comes with matplotlib
+  """An image through the reader inference uses (`readers.read_slice_image`), a mask as stored."""
   try:
-    with Image.open(path) as im:
-      # Palette and grey images: the stored index/grey values as they are.
-      # Grey saved as RGB: channels are equal, so 'L' reproduces them exactly.
-      if im.mode not in ("L", "P", "I;16", "I"):
-        im = im.convert("L")
-      arr = np.asarray(im)
-  except (OSError, UnidentifiedImageError, SyntaxError) as e:
-    raise base.DatasetError(f"{path}: cannot decode this {kind} ({e}); replace the corrupt file") from e
-  if arr.ndim != 2:
-    raise base.DatasetError(f"{path}: {kind} has shape {arr.shape}, expected a 2-D grey image; "
-                            "save it as single-channel")
-  if arr.dtype != np.uint8:
-    if arr.min() < 0 or arr.max() > 255:
-      raise base.DatasetError(f"{path}: {kind} values {arr.min()}..{arr.max()} exceed 8 bits; "
-                              "save it as an 8-bit image")
-    arr = arr.astype(np.uint8)
-  return arr
+    return readers.read_slice_image(path) if kind == "image" else readers.read_label_image(path)
+  except readers.InputError as e:
+    raise base.DatasetError(str(e)) from None
 
 
 def _sort_key(stem: str):

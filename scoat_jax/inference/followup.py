@@ -93,31 +93,18 @@ def read_dates(path: str | pathlib.Path) -> dict[pathlib.Path, datetime.date]:
   return out
 
 
-def _dicom_tag(directory: pathlib.Path, tag: str) -> str | None:
-  """A tag of the first file of the DICOM series in `directory` (header only)."""
-  import SimpleITK as sitk
-  files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory))
-  if not files:
-    return None
-  reader = sitk.ImageFileReader()
-  reader.SetFileName(files[0])
-  reader.ReadImageInformation()
-  return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else None
-
-
 def _dates_for(items: Sequence[readers.Item], dates: dict) -> dict[str, datetime.date]:
   """Date of every item (CSV first, else DICOM StudyDate); FollowupError if one has none."""
   out, patients = {}, {}
   for item in items:
     key = item.path.resolve()
-    if item.path.is_dir():
-      pid = _dicom_tag(item.path, "0010|0020")
-      if pid:
-        patients[pid] = item.path
+    tags = readers.series_tags(item.path) if item.path.is_dir() else {}
+    if tags.get("patient_id"):
+      patients[tags["patient_id"]] = item.path
     if key in dates:
       out[item.name] = dates[key]
       continue
-    study = _dicom_tag(item.path, "0008|0020") if item.path.is_dir() else None
+    study = tags.get("study_date")
     if not study:
       raise FollowupError(f"{item.path}: no date: it is not a DICOM series with a StudyDate; list "
                           "it in --dates=<CSV of path,date>.")
