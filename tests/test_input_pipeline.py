@@ -108,7 +108,7 @@ def test_same_batch_in_new_process_with_grain_workers(data_dir):
                                             process_index=0, process_count=1), 1)[0])
   code = (
       "import hashlib, numpy as np\n"
-      "from scoat_jax import input_pipeline as ip\n"
+      "from scoat_jax.training import input_pipeline as ip\n"
       "from scoat_jax.configs import default\n"
       "c = default.get_config().data\n"
       f"c.name, c.data_dir, c.image_size, c.num_folds, c.worker_count = {NAME!r}, {data_dir!r}, 32, 3, 1\n"
