@@ -40,6 +40,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("save_attention", False, "Write SAM overlays (x_1_1, x_2_2, x_1_3).")
   flags.DEFINE_list("attention_slices", [], "z indices for --save_attention (default: the slice "
                     "with the most predicted opacity).")
+  flags.DEFINE_string("series_id", None, "The DICOM series (SeriesInstanceUID) to read from a "
+                      "folder holding several.")
   define_segment_flags()
 
 
@@ -48,7 +50,7 @@ def main(argv):
       FLAGS.checkpoint, FLAGS.input, FLAGS.output, tta=FLAGS.tta,
       save_probabilities=FLAGS.save_probabilities, save_attention=FLAGS.save_attention,
       attention_slices=segment.parse_slices(FLAGS.attention_slices), overwrite=FLAGS.overwrite,
-      batch_size=FLAGS.batch_size),
+      batch_size=FLAGS.batch_size, series_id=FLAGS.series_id),
       required=("checkpoint", "input", "output"), compilation_cache_dir=FLAGS.compilation_cache_dir)
 
 

@@ -38,11 +38,14 @@ def test_file_round_trip_keeps_voxels_and_geometry(tmp_path, suffix, direction):
   path = ct_io.write_ct(hu, geometry, tmp_path / f"ct{suffix}")
   back = ct_io.read_ct(path)
   assert back.hu.dtype == np.int16
-  np.testing.assert_array_equal(back.hu, hu)
-  assert back.geometry.size == (7, 6, 5)
-  assert back.geometry.spacing == SPACING and back.geometry.origin == ORIGIN
+  # Read in the canonical orientation; the way back gives the stored voxels and grid.
+  np.testing.assert_array_equal(back.to_stored(back.hu), hu)
+  stored = back.stored_geometry
+  assert stored.size == (7, 6, 5)
+  assert stored.spacing == SPACING and stored.origin == ORIGIN
   # NIfTI stores the direction as a float32 quaternion.
-  np.testing.assert_allclose(back.geometry.direction, geometry.direction, atol=1e-6)
+  np.testing.assert_allclose(stored.direction, geometry.direction, atol=1e-6)
+  assert np.all(np.diag(back.geometry.direction_matrix) > 0.8)   # axes along L, P, S
   assert _leftovers(tmp_path) == []
 
 
@@ -51,7 +54,7 @@ def test_float_volume_and_mask_round_trip(tmp_path):
   geometry = _geometry(hu)
   back = ct_io.read_ct(ct_io.write_ct(hu, geometry, tmp_path / "f.nrrd"))
   assert back.hu.dtype == np.float32
-  np.testing.assert_array_equal(back.hu, hu)
+  np.testing.assert_array_equal(back.to_stored(back.hu), hu)
   mask = (np.arange(hu.size).reshape(hu.shape) % 3).astype(np.uint8)
   got = ct_io.read_mask(ct_io.write_mask(mask, geometry, tmp_path / "m.nii.gz"), like=geometry)
   assert got.dtype == np.uint8
@@ -80,10 +83,11 @@ def test_dicom_round_trip(tmp_path, direction):
                                  patient_id="P7",
                                  study_date="20200315")
   back = ct_io.read_ct(out)
-  np.testing.assert_array_equal(back.hu, hu)
-  assert back.geometry.size == geometry.size
+  np.testing.assert_array_equal(back.to_stored(back.hu), hu)
+  assert back.stored_geometry.size == geometry.size
   for field in ("spacing", "origin", "direction"):
-    np.testing.assert_allclose(getattr(back.geometry, field), getattr(geometry, field), atol=1e-4)
+    np.testing.assert_allclose(getattr(back.stored_geometry, field), getattr(geometry, field),
+                               atol=1e-4)
   assert back.metadata["patient_id"] == "P7" and back.metadata["study_date"] == "20200315"
   files = sorted(out.iterdir())
   assert len(files) == 4 and _leftovers(tmp_path) == []
@@ -149,7 +153,8 @@ def test_dicom_directory_with_two_series(tmp_path):
     ct_io.read_ct(both)
   assert str(both) in str(e.value)
   uid_b = ct_io.read_ct(tmp_path / "b").metadata["series_uid"]
-  np.testing.assert_array_equal(ct_io.read_ct(both, series_id=uid_b).hu, hu + 1)
+  b = ct_io.read_ct(both, series_id=uid_b)
+  np.testing.assert_array_equal(b.to_stored(b.hu), hu + 1)
 
 
 def test_dicom_writer_refuses_existing_and_bad_date_and_cleans_up(tmp_path, monkeypatch):
@@ -181,7 +186,8 @@ def test_dicom_writer_refuses_existing_and_bad_date_and_cleans_up(tmp_path, monk
                            patient_id="P",
                            study_date="20200101",
                            overwrite=True)
-  np.testing.assert_array_equal(ct_io.read_ct(out).hu, hu + 5)
+  c = ct_io.read_ct(out)
+  np.testing.assert_array_equal(c.to_stored(c.hu), hu + 5)
 
   calls = []
 

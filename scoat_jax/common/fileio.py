@@ -17,6 +17,18 @@ import shutil
 from collections.abc import Callable
 
 
+class WriteError(OSError):
+  """A file that could not be written; the message names it and says what to do."""
+
+
+def _write_error(path: pathlib.Path, error: OSError) -> WriteError:
+  reason = error.strerror or type(error).__name__
+  fix = {28: "free disk space or write elsewhere", 13: "choose a folder you can write to",
+         30: "choose a folder on a writable disk", 122: "free quota or write elsewhere"}.get(
+             error.errno, "check the folder exists and can be written")
+  return WriteError(error.errno, f"{path}: cannot write it ({reason}); {fix}.")
+
+
 def _suffix(path: pathlib.Path) -> str:
   return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
 
@@ -31,6 +43,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathl
 
   Returns:
     `path`.
+
+  Raises:
+    WriteError: the file could not be written (full disk, permissions, ...);
+      the temporary file is removed and an earlier `path` is untouched.
   """
   path = pathlib.Path(path)
   while True:
@@ -40,12 +56,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathl
       break
     except FileExistsError:
       continue
+    except OSError as e:
+      raise _write_error(path, e) from None
   try:
     write(str(tmp))
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
+    if isinstance(e, OSError) and not isinstance(e, WriteError):
+      raise _write_error(path, e) from None
     raise
   return path
 

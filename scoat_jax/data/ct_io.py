@@ -29,124 +29,46 @@ import numpy as np
 import SimpleITK as sitk
 
 from scoat_jax.common import fileio
+from scoat_jax.data import orientation
+from scoat_jax.data.geometry import CTError, Geometry  # noqa: F401 (ct_io.Geometry, ct_io.CTError)
 
-_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 READ_SUFFIXES = WRITE_SUFFIXES + (".mhd",)
+# Voxel sizes accepted. CT itself has 0.2-1 mm in-plane and 0.5-10 mm slices; the
+# bounds leave room for down-sampled research volumes and refuse what is surely a
+# unit error (metres, micrometres) or a broken header.
+SPACING_RANGE_MM = (0.05, 50.0)
 # The DICOM tags kept as a series' metadata (`CTVolume.metadata`).
 DICOM_TAGS = {"patient_id": "0010|0020", "study_date": "0008|0020",
               "series_description": "0008|103e", "series_uid": "0020|000e"}
 
 
-class CTError(ValueError):
-  """A bad CT input or output request; the message names the path and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """Voxel grid of a volume in physical space (ITK conventions, LPS, mm).
-
-  Attributes:
-    size: number of voxels along (x, y, z).
-    spacing: voxel size in mm along (x, y, z).
-    origin: physical position in mm of the centre of voxel (0, 0, 0).
-    direction: 3x3 direction cosines, row-major; column k is the physical
-      direction of index axis k.
-  """
-  size: tuple[int, int, int]
-  spacing: tuple[float, float, float]
-  origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-  direction: tuple[float, ...] = _IDENTITY
-
-  def __post_init__(self):
-    size = tuple(int(v) for v in self.size)
-    spacing = tuple(float(v) for v in self.spacing)
-    origin = tuple(float(v) for v in self.origin)
-    direction = tuple(float(v) for v in np.asarray(self.direction, dtype=np.float64).ravel())
-    if len(size) != 3 or min(size) < 1:
-      raise CTError(f"Geometry size={self.size!r} must be 3 positive ints (x, y, z)")
-    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
-      raise CTError(f"Geometry spacing={self.spacing!r} must be 3 positive mm values (x, y, z)")
-    if len(origin) != 3 or not all(np.isfinite(origin)):
-      raise CTError(f"Geometry origin={self.origin!r} must be 3 finite mm values (x, y, z)")
-    if len(direction) != 9 or abs(np.linalg.det(np.reshape(direction, (3, 3)))) < 1e-6:
-      raise CTError(
-          f"Geometry direction={self.direction!r} must be 9 floats of an invertible 3x3 matrix")
-    object.__setattr__(self, "size", size)
-    object.__setattr__(self, "spacing", spacing)
-    object.__setattr__(self, "origin", origin)
-    object.__setattr__(self, "direction", direction)
-
-  @classmethod
-  def from_image(cls, image: sitk.Image) -> Geometry:
-    """The geometry of a 3-D SimpleITK image."""
-    return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-
-  @classmethod
-  def for_array(cls,
-                shape_zyx: Sequence[int],
-                spacing: Sequence[float],
-                origin: Sequence[float] = (0.0, 0.0, 0.0),
-                direction: Sequence[float] = _IDENTITY) -> Geometry:
-    """The geometry of a (z, y, x) array with the given (x, y, z) spacing."""
-    return cls(tuple(reversed(tuple(shape_zyx))), tuple(spacing), tuple(origin), tuple(direction))
-
-  @property
-  def shape(self) -> tuple[int, int, int]:
-    """The matching NumPy array shape (z, y, x)."""
-    return (self.size[2], self.size[1], self.size[0])
-
-  @property
-  def voxel_volume_ml(self) -> float:
-    """Volume of one voxel in millilitres (1 ml = 1000 mm^3)."""
-    return float(np.prod(self.spacing)) / 1000.0
-
-  @property
-  def direction_matrix(self) -> np.ndarray:
-    """Direction cosines as a 3x3 float64 matrix."""
-    return np.reshape(np.asarray(self.direction, np.float64), (3, 3))
-
-  def same_as(self, other: Geometry, tol: float = 1e-4) -> bool:
-    """Whether two grids coincide: equal size, the rest within `tol`.
-
-    Spacing and origin are compared in mm with tolerance tol * max(1, |value|)
-    (file formats store them as float32); direction cosines with tolerance tol.
-    """
-    if self.size != other.size:
-      return False
-
-    def close(a, b):
-      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-      return bool(np.all(np.abs(a - b) <= tol * np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))))
-
-    return (close(self.spacing, other.spacing) and close(self.origin, other.origin) and
-            bool(np.all(np.abs(np.subtract(self.direction, other.direction)) <= tol)))
-
-  def apply_to(self, image: sitk.Image) -> sitk.Image:
-    """Sets spacing, origin and direction on `image` (whose size must match)."""
-    if tuple(image.GetSize()) != self.size:
-      raise CTError(
-          f"array of size (x,y,z)={image.GetSize()} does not match geometry size {self.size}; "
-          "pass an array of shape geometry.shape (z, y, x)")
-    image.SetSpacing(self.spacing)
-    image.SetOrigin(self.origin)
-    image.SetDirection(self.direction)
-    return image
-
-
 @dataclasses.dataclass
 class CTVolume:
-  """A CT volume in Hounsfield units with its geometry.
+  """A CT volume in Hounsfield units with its geometry, in the canonical orientation.
 
   Attributes:
-    hu: (z, y, x) int16 (integer data that fits) or float32 array in HU.
-    geometry: the voxel grid.
+    hu: (z, y, x) int16 (integer data that fits) or float32 array in HU; z is
+      the axial slice (`orientation`: whatever order the file stored).
+    geometry: the voxel grid of `hu`.
     metadata: DICOM tags of interest when read from a series (patient_id,
       study_date, series_description, series_uid); empty otherwise.
+    reorientation: how the file's own grid maps to `geometry`; None when the
+      volume was built in memory on the canonical grid.
   """
   hu: np.ndarray
   geometry: Geometry
   metadata: dict = dataclasses.field(default_factory=dict)
+  reorientation: orientation.Reorientation | None = None
+
+  @property
+  def stored_geometry(self) -> Geometry:
+    """The grid as the file stores it (outputs are written on it)."""
+    return self.geometry if self.reorientation is None else self.reorientation.stored
+
+  def to_stored(self, array: np.ndarray) -> np.ndarray:
+    """A (z, y, x) array on `geometry` mapped voxel for voxel onto `stored_geometry`."""
+    return array if self.reorientation is None else self.reorientation.to_stored(array)
 
 
 @contextlib.contextmanager
@@ -179,6 +101,25 @@ def quiet_itk():
     sitk.ProcessObject.SetGlobalWarningDisplay(was)
 
 
+def _check_pixdim(path: pathlib.Path, pixdim) -> None:
+  # ITK reads a zero, negative or non-finite voxel size as 1 mm (with a warning
+  # on stderr): the volume would be measured on a made-up grid.
+  for axis, value in zip("xyz", pixdim):
+    if not np.isfinite(value) or value <= 0:
+      raise CTError(f"{path}: the header gives voxel size {value:g} mm along {axis} (pixdim); "
+                    "a reader would assume 1 mm and every volume would be wrong: fix the header "
+                    "or export the scan again.")
+
+
+def check_spacing(geometry: Geometry, path) -> None:
+  """Raises CTError unless every voxel size lies in SPACING_RANGE_MM."""
+  lo, hi = SPACING_RANGE_MM
+  for axis, value in zip("xyz", geometry.spacing):
+    if not lo <= value <= hi:
+      raise CTError(f"{path}: voxel size {value:g} mm along {axis} is outside {lo:g}-{hi:g} mm, "
+                    "not a CT grid (a header in m or um, or a broken export); fix the spacing.")
+
+
 def check_nifti_complete(path: str | pathlib.Path) -> None:
   """Raises CTError for a truncated or corrupt NIfTI (.nii / .nii.gz) file.
 
@@ -205,16 +146,19 @@ def check_nifti_complete(path: str | pathlib.Path) -> None:
     sizeof = struct.unpack(order + "i", header[:4])[0] if size >= 4 else 0
     if sizeof == 348 and size >= 348:          # NIfTI-1
       dims = struct.unpack(order + "8h", header[40:56])
+      pixdim = struct.unpack(order + "8f", header[76:108])
       bitpix = struct.unpack(order + "h", header[72:74])[0]
       offset = int(struct.unpack(order + "f", header[108:112])[0])
     elif sizeof == 540 and size >= 540:        # NIfTI-2
       dims = struct.unpack(order + "8q", header[16:80])
+      pixdim = struct.unpack(order + "8d", header[104:168])
       bitpix = struct.unpack(order + "h", header[14:16])[0]
       offset = struct.unpack(order + "q", header[168:176])[0]
     else:
       continue
     if not 1 <= dims[0] <= 7:
       return  # Not a header we understand: leave the verdict to ITK.
+    _check_pixdim(path, [pixdim[k] for k in range(1, min(dims[0], 3) + 1)])
     voxels = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]]))
     expected = max(offset, sizeof) + voxels * bitpix // 8
     if size < expected:
@@ -234,6 +178,21 @@ def _suffix(path: pathlib.Path, allowed: Sequence[str]) -> str | None:
   return next((s for s in allowed if name.endswith(s)), None)
 
 
+def _list_series(path: pathlib.Path, ids) -> str:
+  """'UID "description" (N slices), ...' for an error message."""
+  out = []
+  for uid in ids:
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    with quiet_itk():
+      reader.ReadImageInformation()
+    tag = DICOM_TAGS["series_description"]
+    text = reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+    out.append(f"{uid} \"{text}\" ({len(files)} slices)")
+  return ", ".join(out)
+
+
 def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Image, dict]:
   with quiet_itk():
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
@@ -243,12 +202,13 @@ def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Ima
         "(.dcm files) or at a .nii.gz/.mha/.nrrd file")
   if series_id is None:
     if len(ids) > 1:
-      raise CTError(
-          f"{path}: holds {len(ids)} DICOM series {list(ids)}; pass series_id= one of them "
-          "or move each series into its own folder")
+      raise CTError(f"{path}: holds {len(ids)} DICOM series ({_list_series(path, ids)}); choose "
+                    "one with --series_id=<UID> (series_id= in Python) or move each series "
+                    "into its own folder")
     series_id = ids[0]
   elif series_id not in ids:
-    raise CTError(f"{path}: no DICOM series {series_id!r}; the folder holds {list(ids)}")
+    raise CTError(f"{path}: no DICOM series {series_id!r}; the folder holds "
+                  f"{_list_series(path, ids)}")
   files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_id)
   reader = sitk.ImageSeriesReader()
   reader.SetFileNames(files)
@@ -337,7 +297,10 @@ def check_hu(hu: np.ndarray, path) -> None:
     path: the source named in the message.
   """
   if hu.dtype.kind == "f" and not np.all(np.isfinite(hu)):
-    raise CTError(f"{path}: contains NaN or infinite values; CT voxels must be finite HU")
+    bad = ~np.isfinite(hu)
+    first = tuple(int(v) for v in np.argwhere(bad)[0])
+    raise CTError(f"{path}: {int(bad.sum())} voxel(s) are NaN or infinite (the first at "
+                  f"(z, y, x) = {first}), a corrupt export; export the scan again.")
   lo, hi = float(hu.min()), float(hu.max())
   if lo >= 0.0 and hi <= 255.0:
     raise CTError(
@@ -360,21 +323,26 @@ def read_ct(path, *, series_id: str | None = None, check_values: bool = True) ->
     check_values: check that the values look like HU (see `check_hu`).
 
   Returns:
-    CTVolume with hu (z, y, x) int16 (or float32 for non-integer data).
+    CTVolume with hu (z, y, x) int16 (or float32 for non-integer data) in the
+    canonical orientation (`orientation`), and how the file's grid maps to it.
 
   Raises:
-    CTError: missing path, unreadable file, not a 3-D grey volume, values not HU.
+    CTError: missing path, unreadable file, not a 3-D grey volume, spacing
+      outside SPACING_RANGE_MM, a grid too oblique to read as axial, values not HU.
   """
   path, image, meta = _read_image(path, series_id)
   _check_3d(path, image, "CT scan")
-  hu = _to_hu_array(image)
+  stored = Geometry.from_image(image)
+  check_spacing(stored, path)
+  turn = orientation.reorientation(stored, what=str(path))
+  hu = turn.to_canonical(_to_hu_array(image))
   if check_values:
     check_hu(hu, path)
-  return CTVolume(hu=hu, geometry=Geometry.from_image(image), metadata=meta)
+  return CTVolume(hu=hu, geometry=turn.canonical, metadata=meta, reorientation=turn)
 
 
 def read_mask(path,
-              like: Geometry | None = None,
+              like: CTVolume | Geometry | None = None,
               *,
               allowed: Iterable[int] = (0, 1, 2),
               tol: float = 1e-4) -> np.ndarray:
@@ -382,7 +350,8 @@ def read_mask(path,
 
   Args:
     path: a mask file (.nii/.nii.gz/.mha/.mhd/.nrrd) or DICOM series directory.
-    like: the image's geometry; the mask must match it (see `Geometry.same_as`).
+    like: the image (a CTVolume: the mask must match its stored grid and is returned
+      in its canonical orientation) or a geometry the mask must match as stored.
     allowed: the label values the mask may contain.
     tol: geometry tolerance.
 
@@ -395,6 +364,9 @@ def read_mask(path,
   path, image, _ = _read_image(path)
   _check_3d(path, image, "mask")
   geometry = Geometry.from_image(image)
+  turn = like.reorientation if isinstance(like, CTVolume) else None
+  if isinstance(like, CTVolume):
+    like = like.stored_geometry
   if like is not None and not geometry.same_as(like, tol):
     raise CTError(
         f"{path}: mask geometry (size {geometry.size}, spacing {geometry.spacing}, origin "
@@ -409,7 +381,8 @@ def read_mask(path,
     hint = " (a 0/255 mask: divide by 255)" if 255 in bad else ""
     raise CTError(f"{path}: mask values {bad[:8]} are outside the allowed labels {allowed}{hint}; "
                   "relabel the mask to those values")
-  return arr.astype(np.uint8)
+  arr = arr.astype(np.uint8)
+  return arr if turn is None else turn.to_canonical(arr)
 
 
 def write_array(arr: np.ndarray, geometry: Geometry, path, *, what: str = "volume",

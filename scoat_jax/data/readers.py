@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from scoat_jax.data import ct_io, writers
+from scoat_jax.data import ct_io, orientation, writers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VOLUME_SUFFIXES = ct_io.READ_SUFFIXES
@@ -42,13 +42,17 @@ class Loaded(NamedTuple):
   """An input read in full.
 
   Attributes:
-    array: (z, y, x) HU for a volume, (H, W) uint8 for a slice image.
-    geometry: the volume's grid; None for a slice image.
+    array: (z, y, x) HU for a volume, in the canonical axial orientation
+      (`data.orientation`); (H, W) uint8 for a slice image.
+    geometry: the grid of `array`; None for a slice image.
     metadata: DICOM tags of interest (patient_id, study_date, ...); may be empty.
+    reorientation: how the file's own grid maps to `geometry` (volumes only):
+      outputs go back onto the stored grid through it.
   """
   array: np.ndarray
   geometry: ct_io.Geometry | None
   metadata: dict
+  reorientation: orientation.Reorientation | None = None
 
 
 
@@ -205,13 +209,15 @@ def series_tags(directory: str | pathlib.Path) -> dict[str, str]:
           if reader.HasMetaDataKey(t)}
 
 
-def read_item(item: Item) -> Loaded:
+def read_item(item: Item, series_id: str | None = None) -> Loaded:
   """Reads one input in full, checking it (`ct_io.read_ct` for volumes).
+
+  `series_id` picks a series of a DICOM folder that holds several.
 
   Raises:
     InputError, ct_io.CTError: unreadable, truncated or implausible input.
   """
   if item.kind == "image":
     return Loaded(read_slice_image(item.path), None, {})
-  ct = ct_io.read_ct(item.path)
-  return Loaded(ct.hu, ct.geometry, ct.metadata)
+  ct = ct_io.read_ct(item.path, series_id=series_id if item.path.is_dir() else None)
+  return Loaded(ct.hu, ct.geometry, ct.metadata, ct.reorientation)

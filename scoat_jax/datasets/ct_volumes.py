@@ -180,7 +180,7 @@ class CtVolumes(base.SliceBuilder):
     vol = ct_io.read_ct(image_path)
     # ct_io checks the grid (size, spacing, origin, direction); the label
     # values are checked against the chosen label map below, with its hint.
-    label = ct_io.read_mask(label_path, like=vol.geometry, allowed=range(256))
+    label = ct_io.read_mask(label_path, like=vol, allowed=range(256))
     mask, lung = map_labels(label, cfg.label_map, label_path)
     spacing = np.asarray(vol.geometry.spacing, np.float32)
     if lung is None:

@@ -123,7 +123,8 @@ def _geometry_json(g: ct_io.Geometry) -> dict:
 def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool = False,
         save_probabilities: bool = False, save_attention: bool = False,
         attention_slices: Sequence[int] = (), overwrite: bool = False, batch_size: int = 0,
-        progress: bool = True, items: Sequence[Item] | None = None) -> list[dict]:
+        progress: bool = True, items: Sequence[Item] | None = None,
+        series_id: str | None = None) -> list[dict]:
   """Predicts and quantifies every input; the programmatic form of the CLI.
 
   Args:
@@ -140,6 +141,7 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
     batch_size: slices per forward pass (0: one per CPU device, 8 per accelerator).
     progress: draw a progress bar per scan (on a terminal).
     items: inputs already discovered (used by follow-up); default from input_path.
+    series_id: the DICOM series to read from folders that hold several.
 
   Returns:
     The reports written, in input order (each also has 'outputs').
@@ -162,7 +164,7 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
   check_output(output, overwrite=overwrite)
   kept, budget = {}, _KEEP_BYTES
   for item in items:  # Read everything once before writing anything.
-    data = readers.read_item(item)
+    data = readers.read_item(item, series_id)
     depth = data[0].shape[0]
     if item.kind == "volume" and attention_slices and max(attention_slices) >= depth:
       raise PredictError(f"--attention_slices={max(attention_slices)} is beyond {item.path} "
@@ -173,14 +175,18 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
   if any(i.kind == "volume" for i in items) and models[0].intensity == "uint8":
     logging.warning("the model was trained on 8-bit slice exports; HU volumes are windowed to "
                     "%s HU for it", models[0].hu_window)
-  output.mkdir(parents=True, exist_ok=True)
+  try:
+    output.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise PredictError(f"--output={output}: cannot create it ({e.strerror or e}); choose a "
+                       "folder you can write to.") from None
 
   predictor = inference.Predictor(models, tta=tta, batch_size=batch_size)
   options = dict(save_probabilities=save_probabilities, save_attention=save_attention,
                  attention_slices=attention_slices)
   reports = []
   for item, data, labels, prob, seconds in _predictions(predictor, items, kept,
-                                                        save_probabilities, progress):
+                                                        save_probabilities, progress, series_id):
     report = _finish(predictor, item, data, labels, prob, output, seconds=seconds, **options)
     logging.info("%s: LOV %s ml, lung %s ml, POI %s%%, %d lesion(s) in %.1f s", item.name,
                  _fmt(report.get("lov_ml")), _fmt(report.get("lung_volume_ml")),
@@ -190,7 +196,8 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
   return reports
 
 
-def _predictions(predictor, items, kept, with_probability: bool, progress: bool):
+def _predictions(predictor, items, kept, with_probability: bool, progress: bool,
+                 series_id: str | None = None):
   """Yields (item, (array, geometry, meta), labels, P(opacity), seconds) in input order.
 
   Volumes go one at a time, each with its own progress bar. 2-D images share
@@ -203,7 +210,7 @@ def _predictions(predictor, items, kept, with_probability: bool, progress: bool)
   def images():
     for item in items:
       if item.kind == "image":
-        ahead[item] = kept.pop(item) if item in kept else readers.read_item(item)
+        ahead[item] = kept.pop(item) if item in kept else readers.read_item(item, series_id)
         yield ahead[item][0]
 
   image_predictions = predictor.predict_slices(images(), source="uint8")
@@ -215,7 +222,7 @@ def _predictions(predictor, items, kept, with_probability: bool, progress: bool)
         data = ahead.pop(item)
         image_bar.update(1)
       else:
-        data = kept.pop(item) if item in kept else readers.read_item(item)
+        data = kept.pop(item) if item in kept else readers.read_item(item, series_id)
         depth = data[0].shape[0]
         with _progress_bar(depth, item.name, progress) as bar:
           def advance(n, bar=bar, depth=depth, name=item.name, t0=t0):
@@ -233,13 +240,14 @@ def _finish(predictor, item: Item, data: tuple, labels: np.ndarray, prob: np.nda
             attention_slices: Sequence[int], seconds: dict) -> dict:
   """Quantifies one prediction and writes its files; the report goes last (it marks completion)."""
   from scoat_jax.inference import attention
-  array, geometry, meta = data
+  array, geometry, meta, turn = data
   num_classes = predictor.num_classes
   t0 = time.time()
   if item.kind == "image":
     stats = quantify.quantify_slice(labels, num_classes=num_classes)
   else:
     stats = quantify.quantify_volume(labels, geometry, hu=array, num_classes=num_classes)
+    _lesion_indices_to_stored(stats["lesions"], turn)
   seconds = {**seconds, "quantify": round(time.time() - t0, 3)}
   t0 = time.time()
 
@@ -249,9 +257,10 @@ def _finish(predictor, item: Item, data: tuple, labels: np.ndarray, prob: np.nda
     if save_probabilities:
       writers.write_png(np.rint(np.clip(prob, 0, 1) * 255), paths["probability"])
   else:
-    writers.write_volume(labels, geometry, paths["mask"])
+    # Back onto the input's own grid, voxel for voxel (`data.orientation`).
+    writers.write_volume(turn.to_stored(labels), turn.stored, paths["mask"])
     if save_probabilities:
-      writers.write_volume(prob, geometry, paths["probability"])
+      writers.write_volume(turn.to_stored(prob), turn.stored, paths["probability"])
   written = {k: p.name for k, p in paths.items()}
   if save_attention:
     source = "uint8" if item.kind == "image" else "hu"
@@ -270,7 +279,10 @@ def _finish(predictor, item: Item, data: tuple, labels: np.ndarray, prob: np.nda
   report = {"name": item.name, "input": str(item.path),
             "kind": "slice" if item.kind == "image" else "volume", **stats}
   if geometry is not None:
-    report["geometry"] = _geometry_json(geometry)
+    report["geometry"] = _geometry_json(turn.stored)
+    report["orientation"] = turn.describe()
+    if save_attention:
+      report["attention_slices"] = [_axial_slice(turn, z) for z in zs]
   else:
     report["size_hw"] = list(array.shape)
   if meta:
@@ -280,6 +292,26 @@ def _finish(predictor, item: Item, data: tuple, labels: np.ndarray, prob: np.nda
                 seconds={**seconds, "write": round(time.time() - t0, 3)})
   writers.write_json(report, paths["report"])
   return report
+
+
+def _lesion_indices_to_stored(found: list[dict], turn) -> None:
+  """Lesion centres and boxes are found on the canonical grid; reports index the stored one."""
+  if turn is None or turn.is_identity:
+    return
+  for lesion in found:
+    lesion["centre_index"] = list(turn.canonical_index_to_stored(lesion["centre_index"]))
+    last = [v - 1 for v in lesion["bbox_stop"]]
+    a = turn.canonical_index_to_stored(lesion["bbox_start"])
+    b = turn.canonical_index_to_stored(last)
+    lesion["bbox_start"] = [min(p, q) for p, q in zip(a, b)]
+    lesion["bbox_stop"] = [max(p, q) + 1 for p, q in zip(a, b)]
+
+
+def _axial_slice(turn, z: int) -> dict:
+  """Axial slice z (the `_z<k>` of an overlay) as the stored grid's axis and index."""
+  axis = turn.source_axis[2]
+  index = turn.canonical.size[2] - 1 - z if turn.flipped[2] else z
+  return {"axial_index": int(z), "stored_axis": "xyz"[axis], "stored_index": int(index)}
 
 
 def _fmt(v) -> str:
