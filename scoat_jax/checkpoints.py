@@ -15,8 +15,10 @@ delete the latest, so preservation is an explicit "latest OR best" policy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging as py_logging
+import os
 import pathlib
 import shutil
 from typing import Any
@@ -25,11 +27,15 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from scoat_jax import configs
 
 BEST_METRIC = "val_dsc"
+# Recent checkpoints kept besides the best: if the newest is damaged, the run
+# resumes from the one before.
+KEEP_LATEST = 2
 # Config fields that may differ when a run is resumed: they do not change what
 # is trained, only where data comes from and how the run is logged or launched.
 RESUMABLE_FIELDS = frozenset({
@@ -99,18 +105,60 @@ def check_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict
     tmp.replace(path)
 
 
+class WorkdirGuard:
+  """Undoes what a run wrote into its workdir when it fails before training starts.
+
+  A run refused after `check_workdir` (bad `init_from` weights, a dataset that
+  does not open, ...) must leave the workdir as it found it, or the corrected
+  command would be refused as "another config". Only entries that did not exist
+  before are removed; a workdir the guard saw created is removed when empty.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path):
+    self.workdir = pathlib.Path(workdir)
+    self.existed = self.workdir.exists()
+    self.before = set(os.listdir(self.workdir)) if self.workdir.is_dir() else set()
+    self.manager: ocp.CheckpointManager | None = None
+
+  def make_manager(self) -> ocp.CheckpointManager:
+    """`make_manager(workdir)`, closed by the guard before it removes the folder."""
+    self.manager = make_manager(self.workdir)
+    return self.manager
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None or jax.process_index() != 0 or not self.workdir.is_dir():
+      return False
+    if self.manager is not None:
+      self.manager.close()
+    for name in set(os.listdir(self.workdir)) - self.before:
+      target = self.workdir / name
+      if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target, ignore_errors=True)
+      else:
+        target.unlink(missing_ok=True)
+    if not self.existed and not any(self.workdir.iterdir()):
+      self.workdir.rmdir()
+    return False
+
+
 def make_manager(workdir: str | pathlib.Path) -> ocp.CheckpointManager:
-  """A manager keeping the latest checkpoint and the best by validation DSC."""
+  """A manager keeping the KEEP_LATEST latest checkpoints and the best by validation DSC.
+
+  Unfinished saves (`*.orbax-checkpoint-tmp*` folders a killed run left) are removed.
+  """
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
   best = lambda metrics: metrics[BEST_METRIC]  # noqa: E731
   options = ocp.CheckpointManagerOptions(
       best_fn=best, best_mode="max",
       preservation_policy=policies.AnyPreservationPolicy([
-          policies.LatestN(n=1),
+          policies.LatestN(n=KEEP_LATEST),
           policies.BestN(get_metric_fn=best, reverse=False, n=1,
                          keep_checkpoints_without_metrics=False),
       ]),
-      enable_async_checkpointing=False)
+      cleanup_tmp_directories=True, enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
 
 
@@ -119,32 +167,82 @@ def state_to_tree(state) -> dict:
           "batch_stats": state.batch_stats, "opt_state": state.opt_state}
 
 
+def _nbytes(tree) -> int:
+  return int(sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _disk_full(error: BaseException) -> bool:
+  while error is not None:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _remove_unfinished(directory: pathlib.Path) -> None:
+  for tmp in directory.glob("*.orbax-checkpoint-tmp*"):
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save(manager: ocp.CheckpointManager, state, *, meta: dict,
          metrics: dict | None = None) -> None:
-  """Saves `state` at its step with JSON `meta`; `metrics` rank it for 'best'."""
+  """Saves `state` at its step with JSON `meta`; `metrics` rank it for 'best'.
+
+  Raises:
+    CheckpointError: the disk is full; the unfinished save is removed and the
+      earlier checkpoints are untouched.
+  """
   step = int(jax.device_get(state.step))
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state_to_tree(state)),
-      meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
-  manager.wait_until_finished()
+  tree = state_to_tree(state)
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+    manager.wait_until_finished()
+  except Exception as e:  # Orbax wraps the OSError of a full disk in its own errors.
+    if not _disk_full(e):
+      raise
+    directory = pathlib.Path(manager.directory)
+    _remove_unfinished(directory)
+    free = shutil.disk_usage(directory).free
+    raise CheckpointError(
+        f"{directory.parent}: the disk is full; saving step {step} needs about "
+        f"{_nbytes(tree) / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free. Free space and run "
+        f"the same command again: it resumes from step {manager.latest_step() or 0}.") from None
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):
-  """Restores the latest checkpoint into the structure and shardings of `state`.
+  """Restores the newest readable checkpoint into the structure and shardings of `state`.
+
+  A checkpoint that cannot be read (a truncated or damaged file) is moved aside
+  to `<step>.damaged` (never deleted) with a warning naming it, and the one
+  before is tried.
 
   Returns:
-    (state, meta) or (None, None) when there is no checkpoint yet.
+    (state, meta) or (None, None) when there is no readable checkpoint.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None, None
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_to_tree(state))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  tree = restored["state"]
-  state = state.replace(step=tree["step"], params=tree["params"],
-                        batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
-  return state, restored["meta"]
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types for a damaged checkpoint.
+      directory = pathlib.Path(manager.directory)
+      aside = directory / f"{step}.damaged"
+      if jax.process_index() == 0:
+        os.replace(directory / str(step), aside)
+      manager.reload()
+      logging.warning("the checkpoint of step %d cannot be read (%s: %s); moved it to %s and "
+                      "resuming from the one before.", step, type(e).__name__,
+                      str(e).splitlines()[0][:200] if str(e) else "", aside)
+      continue
+    tree = restored["state"]
+    state = state.replace(step=tree["step"], params=tree["params"],
+                          batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
+    return state, restored["meta"]
+  return None, None
 
 
 def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:

@@ -158,6 +158,14 @@ def run_command(main: Callable[[list[str]], None]) -> None:
   app.run(main, flags_parser=parse_flags)
 
 
+def _traceback_if_verbose() -> None:
+  """With --verbosity=1 or more, the traceback behind an error line (for bug reports)."""
+  from absl import flags
+  if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1:
+    import traceback
+    traceback.print_exc(file=sys.stderr)
+
+
 def run(argv: Sequence[str], call: Callable[[], object], *, required: Sequence[str] = (),
         show: str | pathlib.Path | None = None, positional: bool = False,
         compilation_cache_dir: str | None = None) -> None:
@@ -190,8 +198,10 @@ def run(argv: Sequence[str], call: Callable[[], object], *, required: Sequence[s
     logging.warning("interrupted: %s", e or "Ctrl-C")
     sys.exit(EXIT_INTERRUPTED)
   except DivergedError as e:
+    _traceback_if_verbose()
     fail(str(e), EXIT_DIVERGED)
   except (ValueError, OSError) as e:
+    _traceback_if_verbose()
     fail(str(e))
   if show is not None:
     echo(pathlib.Path(show).expanduser().read_text(encoding="utf-8"))

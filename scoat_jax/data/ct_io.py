@@ -120,13 +120,35 @@ def check_spacing(geometry: Geometry, path) -> None:
                     "not a CT grid (a header in m or um, or a broken export); fix the spacing.")
 
 
-def check_nifti_complete(path: str | pathlib.Path) -> None:
-  """Raises CTError for a truncated or corrupt NIfTI (.nii / .nii.gz) file.
+def _nifti_header(header: bytes):
+  """(byte order, header size, dims, pixdim, datatype, bitpix, data offset) or None."""
+  for order in "<>":
+    sizeof = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
+    if sizeof == 348 and len(header) >= 348:          # NIfTI-1
+      return (order, sizeof, struct.unpack(order + "8h", header[40:56]),
+              struct.unpack(order + "8f", header[76:108]),
+              *struct.unpack(order + "2h", header[70:74]),
+              int(struct.unpack(order + "f", header[108:112])[0]))
+    if sizeof == 540 and len(header) >= 540:          # NIfTI-2
+      return (order, sizeof, struct.unpack(order + "8q", header[16:80]),
+              struct.unpack(order + "8d", header[104:168]),
+              *struct.unpack(order + "2h", header[12:16]),
+              struct.unpack(order + "q", header[168:176])[0])
+  return None
 
-  ITK reads a NIfTI file that ends early (a broken download or copy) without
-  complaint and fills the missing voxels with whatever was in memory. The
-  header says how many bytes the voxels take; a .nii.gz is decompressed in
-  full, which also checks its CRC. Other formats pass unchecked.
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float voxels
+
+
+def check_nifti_complete(path: str | pathlib.Path) -> None:
+  """Raises CTError for a NIfTI (.nii / .nii.gz) file ITK would read wrongly without a word.
+
+  ITK reads a NIfTI file that ends early (a broken download or copy) and fills
+  the missing voxels with whatever was in memory; it reads a zero or
+  non-finite voxel size as 1 mm; and it turns NaN and Inf voxels into 0. The
+  header says how many bytes the voxels take and their size; a .nii.gz is
+  decompressed in full, which also checks its CRC, and float voxels are
+  scanned for NaN and Inf. Other formats pass unchecked (ITK keeps their NaN).
   """
   path = pathlib.Path(path)
   name = path.name.lower()
@@ -136,35 +158,36 @@ def check_nifti_complete(path: str | pathlib.Path) -> None:
   try:
     with opener(path, "rb") as f:
       header = f.read(544)
-      size = len(header)
+      parsed = _nifti_header(header)
+      floats = parsed is not None and parsed[4] in _NIFTI_FLOATS
+      chunks, size = [header], len(header)
       while chunk := f.read(1 << 22):
         size += len(chunk)
+        if floats:
+          chunks.append(chunk)
   except (OSError, EOFError, zlib.error) as e:
     raise CTError(f"{path}: corrupt or truncated file ({str(e).splitlines()[0]}); copy or "
                   "export the scan again.") from None
-  for order in "<>":
-    sizeof = struct.unpack(order + "i", header[:4])[0] if size >= 4 else 0
-    if sizeof == 348 and size >= 348:          # NIfTI-1
-      dims = struct.unpack(order + "8h", header[40:56])
-      pixdim = struct.unpack(order + "8f", header[76:108])
-      bitpix = struct.unpack(order + "h", header[72:74])[0]
-      offset = int(struct.unpack(order + "f", header[108:112])[0])
-    elif sizeof == 540 and size >= 540:        # NIfTI-2
-      dims = struct.unpack(order + "8q", header[16:80])
-      pixdim = struct.unpack(order + "8d", header[104:168])
-      bitpix = struct.unpack(order + "h", header[14:16])[0]
-      offset = struct.unpack(order + "q", header[168:176])[0]
-    else:
-      continue
-    if not 1 <= dims[0] <= 7:
-      return  # Not a header we understand: leave the verdict to ITK.
-    _check_pixdim(path, [pixdim[k] for k in range(1, min(dims[0], 3) + 1)])
-    voxels = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]]))
-    expected = max(offset, sizeof) + voxels * bitpix // 8
-    if size < expected:
-      raise CTError(f"{path}: truncated file ({size} of {expected} bytes); copy or export "
-                    "the scan again.")
+  if parsed is None:
     return
+  order, sizeof, dims, pixdim, datatype, bitpix, offset = parsed
+  if not 1 <= dims[0] <= 7:
+    return  # Not a header we understand: leave the verdict to ITK.
+  _check_pixdim(path, [pixdim[k] for k in range(1, min(dims[0], 3) + 1)])
+  voxels = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]]))
+  start = max(offset, sizeof)
+  expected = start + voxels * bitpix // 8
+  if size < expected:
+    raise CTError(f"{path}: truncated file ({size} of {expected} bytes); copy or export "
+                  "the scan again.")
+  if floats:
+    data = np.frombuffer(b"".join(chunks), order + _NIFTI_FLOATS[datatype], voxels, start)
+    bad = ~np.isfinite(data)
+    if bad.any():
+      first = np.unravel_index(int(np.argmax(bad)), tuple(reversed(dims[1:dims[0] + 1])))
+      raise CTError(f"{path}: {int(bad.sum())} voxel(s) are NaN or infinite (the first at "
+                    f"{tuple(int(v) for v in first)} in the file's (z, y, x) order), a corrupt "
+                    "export; export the scan again.")
 
 
 def first_line(err: Exception) -> str:

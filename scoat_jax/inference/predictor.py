@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from scoat_jax import checkpoints, models
 from scoat_jax.checkpoints import CheckpointError
@@ -234,6 +235,46 @@ def _forward_fn(models: tuple[nn.Module, ...], average_heads: tuple[bool, ...], 
                  out_shardings=(data, data))
 
 
+# Of the memory a device has free, the share a batch may take (the rest: weights,
+# XLA's own buffers, the host's copies of the scan and its outputs).
+MEMORY_SHARE = 0.5
+
+
+def _bytes_per_slice(models: Sequence[LoadedModel]) -> int | None:
+  """Memory one slice takes in the forward passes of an ensemble (run one after another);
+  None when a network does not state it (`inference_bytes_per_slice`)."""
+  sizes = [getattr(m.model, "inference_bytes_per_slice", lambda s: None)(m.image_size)
+           for m in models]
+  return None if None in sizes else max(sizes)
+
+
+def _free_bytes(device) -> int | None:
+  """Memory `device` can still take: its allocator's limit, or the host's available RAM."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _max_batch_size(models: Sequence[LoadedModel], mesh) -> int | None:
+  """The largest batch (a multiple of the device count) that fits in memory, or None if unknown."""
+  devices = list(mesh.devices.flat)
+  free, per_slice = _free_bytes(devices[0]), _bytes_per_slice(models)
+  if free is None or per_slice is None:
+    return None
+  if devices[0].platform == "cpu":
+    free //= len(devices)  # CPU devices share the host's memory
+  per_device = max(1, int(MEMORY_SHARE * free // max(1, per_slice)))
+  return per_device * len(devices)
+
+
 class Predictor:
   """Batched, device-sharded inference with one model or an ensemble.
 
@@ -261,6 +302,12 @@ class Predictor:
       platform = self.mesh.devices.flat[0].platform
       batch_size = n * SLICES_PER_DEVICE.get(platform, SLICES_PER_ACCELERATOR)
     self.batch_size = -(-int(batch_size) // n) * n
+    limit = _max_batch_size(self.models, self.mesh)
+    if limit is not None and self.batch_size > limit:
+      logging.warning("batch_size=%d would not fit in memory (about %.1f MiB a slice); using "
+                      "%d, the most that does.", self.batch_size,
+                      _bytes_per_slice(self.models) / 2**20, limit)
+      self.batch_size = limit
     first = self.models[0]
     self.image_size, self.num_classes, self.hu_window = (
         first.image_size, first.num_classes, first.hu_window)

@@ -162,6 +162,9 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
     raise PredictError("--attention_slices applies to volumes; for 2-D images every image gets "
                        "its overlay with --save_attention.")
   check_output(output, overwrite=overwrite)
+  if batch_size < 0:
+    raise PredictError(f"--batch_size={batch_size} must be >= 1 (or 0: automatic); e.g. "
+                       "--batch_size=8.")
   kept, budget = {}, _KEEP_BYTES
   for item in items:  # Read everything once before writing anything.
     data = readers.read_item(item, series_id)
@@ -175,13 +178,12 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
   if any(i.kind == "volume" for i in items) and models[0].intensity == "uint8":
     logging.warning("the model was trained on 8-bit slice exports; HU volumes are windowed to "
                     "%s HU for it", models[0].hu_window)
+  predictor = inference.Predictor(models, tta=tta, batch_size=batch_size)
   try:
     output.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise PredictError(f"--output={output}: cannot create it ({e.strerror or e}); choose a "
                        "folder you can write to.") from None
-
-  predictor = inference.Predictor(models, tta=tta, batch_size=batch_size)
   options = dict(save_probabilities=save_probabilities, save_attention=save_attention,
                  attention_slices=attention_slices)
   reports = []

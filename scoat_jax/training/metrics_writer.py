@@ -17,8 +17,8 @@ from scoat_jax.evaluation import validation
 class MetricsWriter:
   """Writes `<workdir>/metrics.jsonl` (one line per evaluation) and `<workdir>/tensorboard/`.
 
-  Use as a context manager; `truncate(step)` drops lines past a restored step
-  (written before a crash) so that a resumed run does not repeat them.
+  Use as a context manager; `rewrite(step)` makes the file hold exactly one line
+  per evaluation up to the step a run resumes from, so it never repeats one.
   """
 
   def __init__(self, workdir: str | pathlib.Path):
@@ -38,14 +38,28 @@ class MetricsWriter:
       self._tb.close()
       self._tb = None
 
-  def truncate(self, max_step: int) -> None:
-    """Drops records whose step is past `max_step`."""
-    if not self.enabled or not self.path.exists():
+  def rewrite(self, max_step: int, last: dict | None = None) -> None:
+    """Keeps one record per step up to `max_step` (the step training resumes from).
+
+    Lines past it were written by a run that stopped before its next checkpoint;
+    a step written twice keeps its last line; `last` (the record saved with the
+    checkpoint resumed from) is put back if the run stopped before writing it.
+    """
+    if not self.enabled or (not self.path.exists() and last is None):
       return
-    kept = [l for l in self.path.read_text().splitlines()
-            if l and json.loads(l)["step"] <= max_step]
+    records = {}
+    lines = self.path.read_text().splitlines() if self.path.exists() else []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a line cut off by a kill
+      if isinstance(record, dict) and record.get("step", max_step + 1) <= max_step:
+        records[record["step"]] = record
+    if last is not None and last.get("step", max_step + 1) <= max_step:
+      records.setdefault(last["step"], last)
     tmp = self.path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in kept))
+    tmp.write_text("".join(json.dumps(records[s]) + "\n" for s in sorted(records)))
     tmp.replace(self.path)
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:

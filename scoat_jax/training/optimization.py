@@ -99,7 +99,10 @@ def init_from(state: TrainState, config: ml_collections.ConfigDict) -> TrainStat
   if source.endswith((".npz", ".pth", ".pt")):
     variables = models.load_torch_weights(config.model_name, source)
   else:
-    variables, _ = checkpoints.load_variables(source)
+    try:
+      variables, _ = checkpoints.load_variables(source)
+    except checkpoints.CheckpointError as e:
+      raise checkpoints.CheckpointError(f"config.init_from={source}: {e}") from None
   def check(a, b):
     if np.shape(a) != np.shape(b):
       raise checkpoints.CheckpointError(

@@ -79,7 +79,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The last evaluation's metrics (as written to metrics.jsonl).
   """
   workdir = pathlib.Path(workdir)
-  checkpoints.check_workdir(workdir, config, overwrite=overwrite)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   spe = steps_per_epoch(config)
@@ -92,24 +91,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rng = jax.random.key(config.seed)
   state = optimization.create_train_state(
       config, model, optimization.create_optimizer(schedule), jax.random.fold_in(rng, 0), mesh)
-  manager = checkpoints.make_manager(workdir)
-  writer = MetricsWriter(workdir)
-  restored, _ = checkpoints.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
-    logging.info("Resuming from step %d (checkpoint in %s).", int(state.step), manager.directory)
-    writer.truncate(int(state.step))
-  elif config.init_from:
-    state = optimization.init_from(state, config)
-    logging.info("Initialised from %s.", config.init_from)
-  start_step = int(jax.device_get(state.step))
-
-  train_step = optimization.make_train_step(config, mesh)
-  validate = Validator(config, model)
-  meta = {"config": checkpoints.config_to_dict(config),
-          "intensity": input_pipeline.intensity(config.data)}
-  batches = input_pipeline.train_batches(
-      config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+  with checkpoints.WorkdirGuard(workdir) as guard:  # refused before the first step: as found
+    checkpoints.check_workdir(workdir, config, overwrite=overwrite)
+    manager = guard.make_manager()
+    writer = MetricsWriter(workdir)
+    state = _restore_or_initialise(state, manager, writer, config)
+    start_step = int(jax.device_get(state.step))
+    train_step = optimization.make_train_step(config, mesh)
+    validate = Validator(config, model)
+    meta = {"config": checkpoints.config_to_dict(config),
+            "intensity": input_pipeline.intensity(config.data)}
+    batches = input_pipeline.train_batches(
+        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
 
   def diverged(step, value):
     raise NonFiniteLossError(
@@ -147,6 +140,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return last
 
 
+def _restore_or_initialise(state, manager, writer: MetricsWriter, config):
+  """The newest readable checkpoint, else `config.init_from`, else the fresh state.
+
+  metrics.jsonl is rewritten to hold one line per evaluation up to the step the
+  run starts from.
+  """
+  restored, meta = checkpoints.restore_latest(manager, state)
+  if restored is not None:
+    logging.info("Resuming from step %d (checkpoint in %s).", int(restored.step),
+                 manager.directory)
+    writer.rewrite(int(restored.step), last=(meta or {}).get("record"))
+    return restored
+  writer.rewrite(0)
+  if config.init_from:
+    state = optimization.init_from(state, config)
+    logging.info("Initialised from %s.", config.init_from)
+  return state
+
+
 def _evaluate_and_save(state, validate: Validator, writer: MetricsWriter, manager, meta: dict, *,
                        done: int, epoch: float, learning_rate: float, train_loss: float,
                        config) -> dict:
@@ -158,9 +170,12 @@ def _evaluate_and_save(state, validate: Validator, writer: MetricsWriter, manage
   record = {"step": done, "epoch": epoch, "learning_rate": learning_rate,
             "train_loss": train_loss, **aggregate}
   logging.info("epoch %.2f  %s", epoch, summary_line(record))
-  writer.write_evaluation(record, overlays)
-  checkpoints.save(manager, state, meta=meta | {"step": done, "epoch": epoch, "per_case": per_case},
+  # The checkpoint first: metrics.jsonl never names a step that was not saved
+  # (the record travels with the checkpoint, for a run killed in between).
+  checkpoints.save(manager, state, meta=meta | {"step": done, "epoch": epoch, "per_case": per_case,
+                                                "record": record},
                    metrics={checkpoints.BEST_METRIC: record.get("val_dsc", 0.0)})
+  writer.write_evaluation(record, overlays)
   return record
 
 
