@@ -1,4 +1,4 @@
-"""Tests of the classical lung mask (scoat_jax.lung_mask) on phantoms and hand-made volumes."""
+"""Tests of the classical lung mask (data.lung_mask) on phantoms and hand-made volumes."""
 import numpy as np
 import pytest
 

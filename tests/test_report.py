@@ -110,7 +110,7 @@ def test_labels_group_runs_and_bad_requests(runs, tmp_path):
 
 
 def test_real_training_workdir_and_cli(trained_workdir, runs, tmp_path):
-  # The per-case metrics train.py stores are read as they are.
+  # The per-case metrics training stores are read as they are.
   [row] = report.run([str(trained_workdir)], str(tmp_path / "real"))
   assert row["model"] == "scoat_net / bce_dice" and row["cases"] >= 1
   # `--workdirs runs/fold*` expanded by the shell: the folders after the first are positional.

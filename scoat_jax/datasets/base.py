@@ -2,7 +2,7 @@
 
 Every builder writes one example per axial slice to ArrayRecord files (random
 access, no TensorFlow needed to read) in a single 'train' split; folds are
-computed by case at read time (scoat_jax.folds), so one build serves every
+computed by case at read time (data.folds), so one build serves every
 fold. Examples are written in generation order (`disable_shuffling`): the
 slices of one scan are contiguous records, in slice order.
 

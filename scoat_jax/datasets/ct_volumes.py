@@ -13,7 +13,7 @@ ids, so give one patient's scans names that a split by file is honest about),
 
 Builder configs, named `<label_map>` or `<label_map>_<slices>`:
 - label maps (source label -> {0, 1, 2}; the lung mask comes from the labels
-  where they contain it, else from `scoat_jax.lung_mask`):
+  where they contain it, else from `data.lung_mask`):
   - `default`: labels already 0/1/2; any other value is an error listing it.
   - `ma2020`: COVID-19-CT-Seg (Ma et al., 2020): 1 left lung, 2 right lung,
     3 infection -> infection 1, lungs 0; lung mask = label > 0.

@@ -6,7 +6,7 @@ r"""Cross-validation report in the paper's layout (Table II, box plots of Fig. 3
 
 For every training workdir the best checkpoint (by validation DSC, see
 `scoat_jax.checkpoints`) is found and its meta JSON read: at each evaluation
-train.py stores there the per-case metrics of the fold's validation cases
+training stores there the per-case metrics of the fold's validation cases
 ('per_case': case_id, dsc, sen, ppv, va, rlp, rlr). Runs are grouped into
 rows by `config.model_name` and `config.loss` from `<workdir>/config.json`, or by
 --labels (one per workdir, in order). The cases of a row's folds are pooled
@@ -82,7 +82,7 @@ def expand_workdirs(patterns: Sequence[str]) -> list[pathlib.Path]:
 def _check_case(workdir: pathlib.Path, step_dir: pathlib.Path, i: int, case) -> dict:
   if not isinstance(case, dict) or "case_id" not in case:
     raise ReportError(f"{step_dir}: per_case[{i}] has no case_id; re-evaluate the run with "
-                      "this version's train.py.")
+                      "this version's training.")
   row = {"case_id": str(case["case_id"])}
   for m in METRICS:
     v = case.get(m)
@@ -112,7 +112,7 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   per_case = meta.get("per_case")
   if not per_case:
     raise ReportError(f"{step_dir}: its metadata holds no per-case metrics; evaluate the run "
-                      "with this version's train.py (it saves 'per_case' at each evaluation).")
+                      "with this version's training (it saves 'per_case' at each evaluation).")
   rows = [_check_case(workdir, step_dir, i, c) for i, c in enumerate(per_case)]
   if label is None:
     label = f"{config.get('model_name', '?')} / {config.get('loss', '?')}"

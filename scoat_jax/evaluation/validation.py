@@ -2,7 +2,7 @@
 
 The network runs slice by slice (jitted, batch sharded over this process's
 devices); the predicted slices of each case are stacked back into a volume
-and scored with `scoat_jax.metrics.case_metrics` (DSC, SEN, PPV, VA, RLP,
+and scored with `evaluation.metrics.case_metrics` (DSC, SEN, PPV, VA, RLP,
 RLR), then aggregated over cases. Inference in eval mode has no cross-sample
 reduction, so every process scores its own cases on its own devices and the
 per-case results are gathered at the end.

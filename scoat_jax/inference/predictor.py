@@ -1,7 +1,7 @@
 """Inference core: trained checkpoints -> labels and probabilities on each slice's own grid.
 
-    models = infer.load_ensemble(["runs/fold0", "runs/fold1"])   # validated
-    predictor = infer.Predictor(models, tta=True)
+    models = inference.load_ensemble(["runs/fold0", "runs/fold1"])   # validated
+    predictor = inference.Predictor(models, tta=True)
     labels, prob = predictor.predict_volume(ct.hu)               # (z, y, x)
 
 Every slice goes through exactly the preprocessing of training

@@ -2,7 +2,7 @@
 
 * Lung opacification volume: LOV = (voxels labelled > 0) x voxel volume, in ml
   (1 ml = 1000 mm^3), the voxel volume from the image spacing.
-* Lung volume from the classical lung mask (`scoat_jax.lung_mask`, with its
+* Lung volume from the classical lung mask (`data.lung_mask`, with its
   documented limits), and the percentage of infection POI = 100 x LOV / lung
   volume, as the paper defines it (all predicted opacity counts, also any
   outside the lung mask; that part is reported as `lov_outside_lung_ml` so a
@@ -10,7 +10,7 @@
 * Lesions: connected components of the mask with 26-connectivity (any voxels
   touching by a face, edge or corner), each with its volume and centre. The
   centre is the voxel farthest from the lesion's boundary (as in the paper's
-  region metrics, `scoat_jax.metrics.region_centres`, with the true voxel
+  region metrics, `evaluation.metrics.region_centres`, with the true voxel
   spacing), so it always lies inside the lesion; its physical position is
   given in the image's LPS millimetres.
 * Three-class models: ground-glass opacity (label 1) and consolidation
@@ -119,7 +119,7 @@ def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | 
     labels: (z, y, x) integer mask: 0 background, 1 opacity (one class) or
       1 GGO / 2 consolidation (three classes).
     geometry: the scan's voxel grid (spacing gives the voxel volume).
-    hu: the scan in HU, to segment the lung (`scoat_jax.lung_mask`).
+    hu: the scan in HU, to segment the lung (`data.lung_mask`).
     lung: a lung mask to use instead of segmenting one.
     num_classes: 1 or 3.
 

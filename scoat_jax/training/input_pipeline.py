@@ -9,7 +9,7 @@ Config fields read from `data_cfg` (an ml_collections.ConfigDict, `config.data`)
   name              dataset: 'covid_semiseg', 'ct_volumes[/config]', 'ct_phantom[/config]'.
   data_dir          where it is built ('' -> the TFDS default).
   image_size        side S of the square slices fed to the model.
-  fold, num_folds, fold_seed   k-fold split by case (scoat_jax.folds.split_cases).
+  fold, num_folds, fold_seed   k-fold split by case (data.folds.split_cases).
   hu_window         (lo, hi) HU mapped to [0, 1] (HU datasets; 8-bit ones use /255).
   num_classes       1: mask = label > 0 (any opacity); 3: keep 0/1/2.
   augment           bool; when False the following four are ignored.
