@@ -61,6 +61,9 @@ def test_three_classes_and_lung():
   assert r["lung_volume_ml"] == pytest.approx(100 * vv) and r["lung_voxels"] == 100
   assert r["poi_percent"] == pytest.approx(100 * 13 / 100)
   assert r["lov_outside_lung_ml"] == pytest.approx(4 * vv)
+  # 4 of 13 opacity voxels outside the lung: POI may be too high, and the report says so.
+  [warning] = r["warnings"]
+  assert "31% of the opacity lies outside the lung mask" in warning
   big, small = r["lesions"]
   assert (big["ggo_volume_ml"], big["consolidation_volume_ml"]) == pytest.approx((8 * vv, 1 * vv))
   assert (small["ggo_volume_ml"], small["consolidation_volume_ml"]) == pytest.approx((0, 4 * vv))
@@ -77,8 +80,14 @@ def test_empty_mask_and_empty_lung():
   r = quantify.quantify_volume(np.zeros((3, 4, 5), np.uint8), g, lung=np.zeros((3, 4, 5), bool))
   assert r["lov_ml"] == 0 and r["num_lesions"] == 0 and r["lesions"] == []
   assert r["lung_volume_ml"] == 0 and r["poi_percent"] is None
+  assert r["warnings"] == ["the lung mask is empty, so POI is undefined; check that the scan "
+                           "shows the chest"]
   r = quantify.quantify_volume(np.zeros((3, 4, 5), np.uint8), g, lung=np.ones((3, 4, 5), bool))
-  assert r["poi_percent"] == 0.0
+  assert r["poi_percent"] == 0.0 and r["warnings"] == []
+  more = np.zeros((3, 4, 5), bool)
+  more[0, 0, 0] = True
+  r = quantify.quantify_volume(np.ones((3, 4, 5), np.uint8), g, lung=more)
+  assert r["poi_percent"] == pytest.approx(6000.0) and "more opacity than lung" in r["warnings"][0]
 
 
 def test_slice_eight_connectivity():

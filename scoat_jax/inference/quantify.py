@@ -125,7 +125,8 @@ def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | 
 
   Returns:
     {'lov_ml', 'opacity_voxels', 'voxel_volume_ml', 'lung_volume_ml',
-    'lung_voxels', 'poi_percent', 'lov_outside_lung_ml', 'num_lesions',
+    'lung_voxels', 'poi_percent', 'lov_outside_lung_ml', 'warnings' (what makes
+    the lung numbers doubtful, e.g. POI above 100%), 'num_lesions',
     'lesions' (see `lesions`), and with three
     classes 'class_volumes_ml': {'ggo', 'consolidation'}}. Lung entries are
     None without hu and lung, and POI is None when the lung is empty.
@@ -154,6 +155,7 @@ def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | 
   else:
     report.update(lung_volume_ml=None, lung_voxels=None, poi_percent=None,
                   lov_outside_lung_ml=None)
+  report["warnings"] = _plausibility_warnings(report)
   if num_classes == 3:
     report["class_volumes_ml"] = {name: int(np.count_nonzero(labels == c)) * vv
                                   for c, name in CLASS_NAMES.items()}
@@ -163,6 +165,25 @@ def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | 
   report["num_lesions"] = len(found)
   report["lesions"] = found
   return report
+
+
+# Opacity outside the lung mask beyond this share of the LOV makes POI doubtful.
+OUTSIDE_LUNG_WARNING = 0.1
+
+
+def _plausibility_warnings(report: dict) -> list[str]:
+  """What makes the lung numbers doubtful, in words (reported, never hidden)."""
+  out = []
+  lov, outside, poi = report["lov_ml"], report.get("lov_outside_lung_ml"), report.get("poi_percent")
+  if report.get("lung_volume_ml") == 0:
+    out.append("the lung mask is empty, so POI is undefined; check that the scan shows the chest")
+  if poi is not None and poi > 100:
+    out.append(f"POI is {poi:.0f}%: more opacity than lung; the lung mask missed part of the "
+               "lung (dense consolidation, effusion) or the scan is not a chest CT")
+  elif outside is not None and lov > 0 and outside > OUTSIDE_LUNG_WARNING * lov:
+    out.append(f"{100 * outside / lov:.0f}% of the opacity lies outside the lung mask; POI "
+               "counts all of it and may be too high")
+  return out
 
 
 def quantify_slice(labels: np.ndarray, *, num_classes: int = 1) -> dict:

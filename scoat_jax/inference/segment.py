@@ -241,6 +241,7 @@ def _finish(predictor, item: Item, data: tuple, labels: np.ndarray, prob: np.nda
             output: pathlib.Path, *, save_probabilities: bool, save_attention: bool,
             attention_slices: Sequence[int], seconds: dict) -> dict:
   """Quantifies one prediction and writes its files; the report goes last (it marks completion)."""
+  from absl import logging
   from scoat_jax.inference import attention
   array, geometry, meta, turn = data
   num_classes = predictor.num_classes
@@ -250,6 +251,8 @@ def _finish(predictor, item: Item, data: tuple, labels: np.ndarray, prob: np.nda
   else:
     stats = quantify.quantify_volume(labels, geometry, hu=array, num_classes=num_classes)
     _lesion_indices_to_stored(stats["lesions"], turn)
+    for warning in stats["warnings"]:
+      logging.warning("%s: %s", item.name, warning)
   seconds = {**seconds, "quantify": round(time.time() - t0, 3)}
   t0 = time.time()
 
