@@ -41,6 +41,14 @@ def orientation_code(geometry: Geometry) -> str:
   return out
 
 
+def _on_grid(array, geometry: Geometry, which: str) -> np.ndarray:
+  array = np.asarray(array)
+  if array.shape[:3] != geometry.shape:
+    raise CTError(f"an array of shape {array.shape} is not on the {which} grid "
+                  f"{geometry.shape} (z, y, x)")
+  return array
+
+
 @dataclasses.dataclass(frozen=True)
 class Reorientation:
   """How a stored volume maps to the canonical one (no resampling).
@@ -63,33 +71,30 @@ class Reorientation:
   def is_identity(self) -> bool:
     return self.source_axis == (0, 1, 2) and not any(self.flipped)
 
+  @property
+  def _axes(self) -> list[int]:
+    """`np.transpose` axes taking a stored (z, y, x) array to the canonical order."""
+    return [2 - self.source_axis[2 - n] for n in range(3)]  # numpy axis 2 - k: index axis k
+
+  @property
+  def _flips(self) -> list[int]:
+    """The numpy axes of the canonical array that run against the stored ones."""
+    return [2 - k for k in range(3) if self.flipped[k]]
+
   def to_canonical(self, array: np.ndarray) -> np.ndarray:
     """A stored (z, y, x) array on the canonical grid."""
-    array = np.asarray(array)
-    if array.shape[:3] != self.stored.shape:
-      raise CTError(f"an array of shape {array.shape} is not on the stored grid "
-                          f"{self.stored.shape} (z, y, x)")
+    array = _on_grid(array, self.stored, "stored")
     if self.is_identity:
       return array
-    # numpy axis 2 - k is index axis k.
-    out = np.transpose(array, [2 - self.source_axis[2 - n] for n in range(3)])
-    flips = [2 - k for k in range(3) if self.flipped[k]]
-    return np.ascontiguousarray(np.flip(out, axis=flips) if flips else out)
+    return np.ascontiguousarray(np.flip(np.transpose(array, self._axes), axis=self._flips))
 
   def to_stored(self, array: np.ndarray) -> np.ndarray:
     """A canonical (z, y, x) array back on the stored grid (the exact inverse)."""
-    array = np.asarray(array)
-    if array.shape[:3] != self.canonical.shape:
-      raise CTError(f"an array of shape {array.shape} is not on the canonical grid "
-                          f"{self.canonical.shape} (z, y, x)")
+    array = _on_grid(array, self.canonical, "canonical")
     if self.is_identity:
       return array
-    flips = [2 - k for k in range(3) if self.flipped[k]]
-    out = np.flip(array, axis=flips) if flips else array
-    inverse = [0, 0, 0]
-    for n in range(3):
-      inverse[2 - self.source_axis[2 - n]] = n
-    return np.ascontiguousarray(np.transpose(out, inverse))
+    return np.ascontiguousarray(np.transpose(np.flip(array, axis=self._flips),
+                                             np.argsort(self._axes)))
 
   def canonical_index_to_stored(self, index_zyx) -> tuple[int, int, int]:
     """The stored (z, y, x) index of a canonical (z, y, x) voxel index."""
