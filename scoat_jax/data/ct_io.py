@@ -140,6 +140,15 @@ def _nifti_header(header: bytes):
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float voxels
 
 
+def _check_finite(voxels: np.ndarray, path, order_note: str = "") -> None:
+  """Raises CTError naming how many voxels are NaN or Inf and where the first one is."""
+  bad = ~np.isfinite(voxels)
+  if bad.any():
+    first = tuple(int(v) for v in np.unravel_index(int(np.argmax(bad)), bad.shape))
+    raise CTError(f"{path}: {int(bad.sum())} voxel(s) are NaN or infinite (the first at "
+                  f"(z, y, x) = {first}{order_note}), a corrupt export; export the scan again.")
+
+
 def check_nifti_complete(path: str | pathlib.Path) -> None:
   """Raises CTError for a NIfTI (.nii / .nii.gz) file ITK would read wrongly without a word.
 
@@ -182,12 +191,8 @@ def check_nifti_complete(path: str | pathlib.Path) -> None:
                   "the scan again.")
   if floats:
     data = np.frombuffer(b"".join(chunks), order + _NIFTI_FLOATS[datatype], voxels, start)
-    bad = ~np.isfinite(data)
-    if bad.any():
-      first = np.unravel_index(int(np.argmax(bad)), tuple(reversed(dims[1:dims[0] + 1])))
-      raise CTError(f"{path}: {int(bad.sum())} voxel(s) are NaN or infinite (the first at "
-                    f"{tuple(int(v) for v in first)} in the file's (z, y, x) order), a corrupt "
-                    "export; export the scan again.")
+    _check_finite(data.reshape(tuple(reversed(dims[1:dims[0] + 1]))), path,
+                  order_note=" in the file's order")
 
 
 def first_line(err: Exception) -> str:
@@ -201,19 +206,25 @@ def _suffix(path: pathlib.Path, allowed: Sequence[str]) -> str | None:
   return next((s for s in allowed if name.endswith(s)), None)
 
 
-def _list_series(path: pathlib.Path, ids) -> str:
-  """'UID "description" (N slices), ...' for an error message."""
-  out = []
-  for uid in ids:
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid)
+def series_tags(directory, series_id: str | None = None) -> tuple[dict[str, str], int]:
+  """(`DICOM_TAGS` from the first file's header, number of files) of a series in `directory`
+  (the first one when `series_id` is None); ({}, 0) for a folder without one. No pixels are read.
+  """
+  with quiet_itk():
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id or "")
+    if not files:
+      return {}, 0
     reader = sitk.ImageFileReader()
     reader.SetFileName(files[0])
-    with quiet_itk():
-      reader.ReadImageInformation()
-    tag = DICOM_TAGS["series_description"]
-    text = reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-    out.append(f"{uid} \"{text}\" ({len(files)} slices)")
-  return ", ".join(out)
+    reader.ReadImageInformation()
+  return ({k: reader.GetMetaData(t).strip() for k, t in DICOM_TAGS.items()
+           if reader.HasMetaDataKey(t)}, len(files))
+
+
+def _list_series(path: pathlib.Path, ids) -> str:
+  """'UID "description" (N slices), ...' for an error message."""
+  return ", ".join(f"{uid} \"{tags.get('series_description', '')}\" ({n} slices)"
+                   for uid in ids for tags, n in [series_tags(path, uid)])
 
 
 def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Image, dict]:
@@ -319,11 +330,8 @@ def check_hu(hu: np.ndarray, path) -> None:
     hu: the voxel values.
     path: the source named in the message.
   """
-  if hu.dtype.kind == "f" and not np.all(np.isfinite(hu)):
-    bad = ~np.isfinite(hu)
-    first = tuple(int(v) for v in np.argwhere(bad)[0])
-    raise CTError(f"{path}: {int(bad.sum())} voxel(s) are NaN or infinite (the first at "
-                  f"(z, y, x) = {first}), a corrupt export; export the scan again.")
+  if hu.dtype.kind == "f":
+    _check_finite(hu, path)
   lo, hi = float(hu.min()), float(hu.max())
   if lo >= 0.0 and hi <= 255.0:
     raise CTError(

@@ -55,7 +55,6 @@ class Loaded(NamedTuple):
   reorientation: orientation.Reorientation | None = None
 
 
-
 def _volume_name(path: pathlib.Path) -> str:
   name = path.name
   for suffix in VOLUME_SUFFIXES:
@@ -94,12 +93,12 @@ def discover_inputs(path: str | pathlib.Path) -> list[Item]:
   path = pathlib.Path(path).expanduser()
   if not path.exists():
     raise InputError(f"--input={path}: no such file or folder; give a CT scan, a DICOM series "
-                       "folder, or a folder of scans or of 2-D slice images.")
+                     "folder, or a folder of scans or of 2-D slice images.")
   if path.is_file():
     if path.name.lower().endswith(IMAGE_SUFFIXES):
       raise InputError(f"--input={path}: a 2-D image given as a scan; a scan is a 3-D volume "
-                         "(NIfTI/MHA/NRRD or a DICOM folder). To segment 2-D slices, put them "
-                         "in a folder and pass the folder.")
+                       "(NIfTI/MHA/NRRD or a DICOM folder). To segment 2-D slices, put them "
+                       "in a folder and pass the folder.")
     return [Item(_volume_name(path), path, "volume")]
   if _is_dicom_dir(path):
     return [Item(path.name, path, "volume")]
@@ -119,16 +118,16 @@ def discover_inputs(path: str | pathlib.Path) -> list[Item]:
     return discover_inputs(path / "Imgs")  # the COVID-SemiSeg layout: Imgs/ and GT/
   if volumes and images:
     raise InputError(f"--input={path}: mixes 2-D images ({images[0].path.name}) and CT volumes "
-                       f"({volumes[0].path.name}); put them in separate folders.")
+                     f"({volumes[0].path.name}); put them in separate folders.")
   items = volumes or images
   if not items:
     raise InputError(f"--input={path}: holds no CT scan (.nii/.nii.gz/.mha/.mhd/.nrrd, DICOM "
-                       "series folders) and no .png/.jpg slice; point --input at the data.")
+                     "series folders) and no .png/.jpg slice; point --input at the data.")
   names: dict[str, pathlib.Path] = {}
   for item in items:
     if item.name in names:
       raise InputError(f"--input={path}: {names[item.name].name} and {item.path.name} would both "
-                         f"write '{item.name}_*' outputs; rename one.")
+                       f"write '{item.name}_*' outputs; rename one.")
     names[item.name] = item.path
   return items
 
@@ -146,7 +145,7 @@ def read_slice_image(path: str | pathlib.Path) -> np.ndarray:
       mode = im.mode
       if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise InputError(f"{path}: a {mode} (16/32-bit) image; 2-D slices must be 8-bit grey "
-                           "exports (CT in HU belongs in NIfTI or DICOM).")
+                         "exports (CT in HU belongs in NIfTI or DICOM).")
       if mode in ("L", "LA"):
         arr = np.asarray(im.getchannel(0) if mode == "LA" else im)
       else:
@@ -154,13 +153,13 @@ def read_slice_image(path: str | pathlib.Path) -> np.ndarray:
         # A grey slice saved as RGB has equal channels (JPEG may differ by a few levels).
         if np.abs(rgb - rgb.mean(axis=-1, keepdims=True)).mean() > 3.0:
           raise InputError(f"{path}: a colour image, not a grey CT slice; give 8-bit grey "
-                             "slices exported in a lung window.")
+                           "slices exported in a lung window.")
         arr = np.asarray(im.convert("L"))
   except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
     if isinstance(e, InputError):
       raise
     raise InputError(f"{path}: cannot decode this image ({str(e).splitlines()[0]}); "
-                       "replace the corrupt file.") from None
+                     "replace the corrupt file.") from None
   if arr.ndim != 2 or min(arr.shape) < 2:
     raise InputError(f"{path}: image of shape {arr.shape}; a slice must be 2-D grey, at least 2x2.")
   return np.ascontiguousarray(arr, np.uint8)
@@ -190,23 +189,6 @@ def read_label_image(path: str | pathlib.Path) -> np.ndarray:
     raise InputError(f"{path}: mask values {arr.min()}..{arr.max()} exceed 8 bits; save it as "
                      "an 8-bit image.")
   return np.ascontiguousarray(arr, np.uint8)
-
-
-def series_tags(directory: str | pathlib.Path) -> dict[str, str]:
-  """The `ct_io.DICOM_TAGS` of the DICOM series in `directory`, from its first file's header.
-
-  Cheap (no pixel data is read); {} for a folder without a series.
-  """
-  import SimpleITK as sitk
-  with ct_io.quiet_itk():
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory))
-  if not files:
-    return {}
-  reader = sitk.ImageFileReader()
-  reader.SetFileName(files[0])
-  reader.ReadImageInformation()
-  return {k: reader.GetMetaData(t).strip() for k, t in ct_io.DICOM_TAGS.items()
-          if reader.HasMetaDataKey(t)}
 
 
 def read_item(item: Item, series_id: str | None = None) -> Loaded:

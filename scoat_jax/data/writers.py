@@ -65,9 +65,8 @@ def write_volume(array: np.ndarray, geometry: ct_io.Geometry, path: pathlib.Path
     The written path.
   """
   array = np.asarray(array)
-  if array.dtype not in (np.uint8, np.float32) or array.shape != geometry.shape:
-    raise WriteError(f"{path}: cannot write a {array.dtype} array of shape {array.shape} on "
-                     f"a {geometry.shape} grid; pass uint8 labels or float32 probabilities "
-                     "predicted on that scan.")
+  if array.dtype not in (np.uint8, np.float32):
+    raise WriteError(f"{path}: cannot write a {array.dtype} array; pass uint8 labels or float32 "
+                     "probabilities (ct_io.write_array checks they fit the scan's grid).")
   what = "mask" if array.dtype == np.uint8 else "probability"
   return ct_io.write_array(array, geometry, path, what=what)

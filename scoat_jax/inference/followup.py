@@ -33,7 +33,7 @@ matplotlib.use("Agg")  # files only; no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
 from scoat_jax.common import fileio  # noqa: E402
-from scoat_jax.data import readers  # noqa: E402
+from scoat_jax.data import ct_io, readers  # noqa: E402
 from scoat_jax.inference import segment  # noqa: E402
 
 OUTPUTS = ("followup.csv", "followup.md", "followup.png")
@@ -98,7 +98,7 @@ def _dates_for(items: Sequence[readers.Item], dates: dict) -> dict[str, datetime
   out, patients = {}, {}
   for item in items:
     key = item.path.resolve()
-    tags = readers.series_tags(item.path) if item.path.is_dir() else {}
+    tags = ct_io.series_tags(item.path)[0] if item.path.is_dir() else {}
     if tags.get("patient_id"):
       patients[tags["patient_id"]] = item.path
     if key in dates:
