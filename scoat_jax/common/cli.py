@@ -132,13 +132,18 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- logs
 
+def _verbose() -> bool:
+  """Whether --verbosity asks for 1 or more (library INFO lines, tracebacks)."""
+  from absl import flags
+  return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
+
+
 class _LibraryInfoFilter(py_logging.Filter):
   """Drops the INFO (and DEBUG) records of libraries; scoat_jax's own and warnings pass."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    from absl import flags
-    verbose = flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
-    return verbose or record.levelno >= py_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+    return (_verbose() or record.levelno >= py_logging.WARNING
+            or record.pathname.startswith(_PACKAGE_DIR))
 
 
 def quiet_library_logs() -> None:
@@ -160,8 +165,7 @@ def run_command(main: Callable[[list[str]], None]) -> None:
 
 def _traceback_if_verbose() -> None:
   """With --verbosity=1 or more, the traceback behind an error line (for bug reports)."""
-  from absl import flags
-  if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1:
+  if _verbose():
     import traceback
     traceback.print_exc(file=sys.stderr)
 

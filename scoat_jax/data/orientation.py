@@ -105,6 +105,18 @@ class Reorientation:
       stored[2 - self.source_axis[k]] = n - 1 - i if self.flipped[k] else i
     return tuple(stored)
 
+  def box_to_stored(self, start_zyx, stop_zyx) -> tuple[list[int], list[int]]:
+    """A canonical index box [start, stop) as the stored grid's box."""
+    a = self.canonical_index_to_stored(start_zyx)
+    b = self.canonical_index_to_stored([v - 1 for v in stop_zyx])
+    return [min(p, q) for p, q in zip(a, b)], [max(p, q) + 1 for p, q in zip(a, b)]
+
+  def axial_slice(self, z: int) -> dict:
+    """Canonical axial slice z as the stored grid's axis and index along it."""
+    axis = self.source_axis[2]
+    return {"axial_index": int(z), "stored_axis": "xyz"[axis],
+            "stored_index": self.canonical_index_to_stored((z, 0, 0))[2 - axis]}
+
   def describe(self) -> dict:
     """For reports: what was done to read the scan as axial slices."""
     return {"stored_orientation": orientation_code(self.stored),

@@ -12,7 +12,8 @@ imported on first use so that `--help` of a command stays fast.
 """
 import importlib
 
-_PREDICTOR_NAMES = ("InferenceError", "LoadedModel", "Predictor", "load_ensemble", "load_model")
+_PREDICTOR_NAMES = ("InferenceError", "LoadedModel", "Predictor", "check_batch_size",
+                    "load_ensemble", "load_model")
 
 
 def __getattr__(name):

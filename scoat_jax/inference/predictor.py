@@ -235,6 +235,13 @@ def _forward_fn(models: tuple[nn.Module, ...], average_heads: tuple[bool, ...], 
                  out_shardings=(data, data))
 
 
+def check_batch_size(batch_size: int | None) -> None:
+  """Raises InferenceError unless `batch_size` is None, 0 (automatic) or positive."""
+  if batch_size is not None and batch_size < 0:
+    raise InferenceError(f"batch_size={batch_size} must be >= 1 (or 0: automatic); "
+                         "e.g. --batch_size=8")
+
+
 # Of the memory a device has free, the share a batch may take (the rest: weights,
 # XLA's own buffers, the host's copies of the scan and its outputs).
 MEMORY_SHARE = 0.5
@@ -291,9 +298,7 @@ class Predictor:
                batch_size: int | None = None, devices=None):
     if not models:
       raise InferenceError("Predictor needs at least one model")
-    if batch_size is not None and batch_size < 0:
-      raise InferenceError(f"batch_size={batch_size} must be >= 1 (or 0: automatic); "
-                           "e.g. --batch_size=8")
+    check_batch_size(batch_size)
     self.models = list(models)
     self.tta = bool(tta)
     self.mesh = parallel.make_mesh(jax.local_devices() if devices is None else devices)

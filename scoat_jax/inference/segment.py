@@ -162,9 +162,7 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
     raise PredictError("--attention_slices applies to volumes; for 2-D images every image gets "
                        "its overlay with --save_attention.")
   check_output(output, overwrite=overwrite)
-  if batch_size < 0:
-    raise PredictError(f"--batch_size={batch_size} must be >= 1 (or 0: automatic); e.g. "
-                       "--batch_size=8.")
+  inference.check_batch_size(batch_size)  # a bad flag is refused before the scans are read
   kept, budget = {}, _KEEP_BYTES
   for item in items:  # Read everything once before writing anything.
     data = readers.read_item(item, series_id)
@@ -287,7 +285,7 @@ def _finish(predictor, item: Item, data: tuple, labels: np.ndarray, prob: np.nda
     report["geometry"] = _geometry_json(turn.stored)
     report["orientation"] = turn.describe()
     if save_attention:
-      report["attention_slices"] = [_axial_slice(turn, z) for z in zs]
+      report["attention_slices"] = [turn.axial_slice(z) for z in zs]
   else:
     report["size_hw"] = list(array.shape)
   if meta:
@@ -305,18 +303,8 @@ def _lesion_indices_to_stored(found: list[dict], turn) -> None:
     return
   for lesion in found:
     lesion["centre_index"] = list(turn.canonical_index_to_stored(lesion["centre_index"]))
-    last = [v - 1 for v in lesion["bbox_stop"]]
-    a = turn.canonical_index_to_stored(lesion["bbox_start"])
-    b = turn.canonical_index_to_stored(last)
-    lesion["bbox_start"] = [min(p, q) for p, q in zip(a, b)]
-    lesion["bbox_stop"] = [max(p, q) + 1 for p, q in zip(a, b)]
-
-
-def _axial_slice(turn, z: int) -> dict:
-  """Axial slice z (the `_z<k>` of an overlay) as the stored grid's axis and index."""
-  axis = turn.source_axis[2]
-  index = turn.canonical.size[2] - 1 - z if turn.flipped[2] else z
-  return {"axial_index": int(z), "stored_axis": "xyz"[axis], "stored_index": int(index)}
+    lesion["bbox_start"], lesion["bbox_stop"] = turn.box_to_stored(lesion["bbox_start"],
+                                                                   lesion["bbox_stop"])
 
 
 def _fmt(v) -> str:
