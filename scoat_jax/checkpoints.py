@@ -31,6 +31,7 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from scoat_jax import configs
+from scoat_jax.common import fileio
 
 BEST_METRIC = "val_dsc"
 # Recent checkpoints kept besides the best: if the newest is damaged, the run
@@ -100,9 +101,7 @@ def check_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict
           target.unlink()
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
-    tmp.replace(path)
+    fileio.write_text(json.dumps(new, indent=2, sort_keys=True), path)
 
 
 class WorkdirGuard:

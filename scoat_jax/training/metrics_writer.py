@@ -11,6 +11,7 @@ import pathlib
 import jax
 import numpy as np
 
+from scoat_jax.common import fileio
 from scoat_jax.evaluation import validation
 
 
@@ -58,9 +59,7 @@ class MetricsWriter:
         records[record["step"]] = record
     if last is not None and last.get("step", max_step + 1) <= max_step:
       records.setdefault(last["step"], last)
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(records[s]) + "\n" for s in sorted(records)))
-    tmp.replace(self.path)
+    fileio.write_text("".join(json.dumps(records[s]) + "\n" for s in sorted(records)), self.path)
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
     """TensorBoard scalars, e.g. {'train/loss': 0.3}."""
