@@ -37,7 +37,8 @@ def define_flags() -> None:
                       "of 2-D .png/.jpg slices.")
   flags.DEFINE_string("output", None, "Results folder (created if missing).")
   flags.DEFINE_bool("save_probabilities", False, "Also write P(opacity) maps.")
-  flags.DEFINE_bool("save_attention", False, "Write SAM overlays (x_1_1, x_2_2, x_1_3).")
+  flags.DEFINE_bool("save_attention", False, "Write attention overlays (SCOAT-Net: the SAMs of "
+                    "x_1_1, x_2_2, x_1_3; any network with attention maps).")
   flags.DEFINE_list("attention_slices", [], "z indices for --save_attention (default: the slice "
                     "with the most predicted opacity).")
   flags.DEFINE_string("series_id", None, "The DICOM series (SeriesInstanceUID) to read from a "

@@ -22,7 +22,7 @@ MAX_LINES = 500
 # What each top-level part of the package may import (besides itself and `common`).
 ALLOWED = {
     "common": set(),
-    "configs": {"training"},   # `default.py:<loss>` reads a loss's default options
+    "configs": {"training", "models"},  # `default.py:<arg>`: a loss's or a network's options
     "models": set(),
     "data": set(),
     "datasets": {"data"},
@@ -31,7 +31,7 @@ ALLOWED = {
     "training": {"models", "data", "datasets", "checkpoints", "evaluation", "configs"},
     "inference": {"models", "data", "checkpoints", "evaluation", "configs"},
 }
-COMMANDS = {"main", "predict", "followup", "report"}
+COMMANDS = {"main", "predict", "followup", "report", "sweep"}
 
 
 def _module_name(path: pathlib.Path) -> str:

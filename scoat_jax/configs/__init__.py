@@ -9,10 +9,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+# Version 3: model.widths may be None (the network's own widths), other networks'
+# options in `model`, deep_supervision 'auto'; a version-2 config reads unchanged.
 # Version 2: model_name + model (the network's own arguments), cpu_weight_grad,
 # loss_kwargs. Version 1 (no config_version field): model (a name), widths,
 # fast_cpu_grad, loss_alpha.
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 
 class ConfigVersionError(ValueError):
@@ -48,5 +50,8 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     if "loss_kwargs" not in config:
       config["loss_kwargs"] = ({"alpha": alpha} if alpha is not None
                                and config.get("loss") == "bce_dice" else {})
-    config["config_version"] = CONFIG_VERSION
+    version = 2
+  if version == 2:
+    version = 3  # every version-2 config is a valid version-3 one
+  config["config_version"] = version
   return config

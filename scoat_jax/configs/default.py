@@ -5,27 +5,54 @@ Every hyperparameter lives here; flagfiles in `launch/` override fields with
 `--config.<field>=<value>` (a misspelt field is an error naming the closest
 one). Values marked (ours) are not given by the paper (docs/design.md).
 
-`--config=scoat_jax/configs/default.py:LOSS` starts from another loss of
-Table I with that loss's own options in `loss_kwargs` (e.g. `:focal` gives
-gamma 2 and alpha 0.25), which `--config.loss_kwargs.<option>=` then overrides.
+`--config=scoat_jax/configs/default.py:ARG` starts from another network of
+Tables II-III or another loss of Table I, or both (`:unet`, `:focal`,
+`:unet,focal`), with that network's options in `model` and that loss's in
+`loss_kwargs` (e.g. `:pspnet` adds `model.bins`, `:focal` gives gamma 2 and
+alpha 0.25); `--config.model.<option>=` and `--config.loss_kwargs.<option>=`
+then override them. `--config.model_name=NAME` alone changes the network
+but keeps only the options every network has (`num_classes`, `widths`).
 """
 import ml_collections
 
 from scoat_jax.configs import CONFIG_VERSION
 
 
-def get_config(loss: str | None = None) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None) -> tuple[str | None, str | None]:
+  """':unet,focal' -> ('unet', 'focal'): which tokens name a network and which a loss."""
+  from scoat_jax import models  # pylint: disable=import-outside-toplevel
+  from scoat_jax.training import losses  # pylint: disable=import-outside-toplevel
+  model = loss = None
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if token in models.available_models() and model is None:
+      model = token
+    elif token in losses.LOSSES and loss is None:
+      loss = token
+    else:
+      raise ValueError(f"config argument {token!r} is neither a network "
+                       f"({', '.join(models.available_models())}) nor a loss "
+                       f"({', '.join(losses.LOSSES)}), or repeats one")
+  return model, loss
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  model, loss = parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.config_version = CONFIG_VERSION
   c.seed = 0
   c.num_classes = 1                   # 1: any opacity (sigmoid); 3: bg/GGO/consolidation.
 
   # Model: models.get_model(model_name, **model), plus the shared options below.
-  c.model_name = "scoat_net"
+  c.model_name = model or "scoat_net"
   c.model = ml_collections.ConfigDict()
   c.model.num_classes = c.get_ref("num_classes")
-  c.model.widths = (32, 64, 128, 256, 512)
-  c.deep_supervision = "mean"         # 'mean' over four heads | 'last' head | 'none' (one head).
+  # None: the network's own (paper) widths; a tuple of 5 overrides them.
+  c.model.widths = ml_collections.FieldReference(None, field_type=tuple)
+  if model is not None:
+    from scoat_jax import models  # pylint: disable=import-outside-toplevel
+    c.model.update(models.model_options(model))
+  c.deep_supervision = "auto"         # auto: 'mean' where the net has heads, else 'none';
+                                      # 'mean' over the heads | 'last' head | 'none' (one head).
   c.dtype = "float32"                 # or "bfloat16" (parameters stay float32).
   c.cpu_weight_grad = "auto"          # CPU only: auto | native (kernel) | taps (XLA dots) | xla.
   c.predict_average_heads = False     # (ours) inference uses the last head unless set.

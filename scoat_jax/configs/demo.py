@@ -15,8 +15,9 @@ then a step decay (x0.1 after three epochs of the restart).
 from scoat_jax.configs import default
 
 
-def get_config():
-  c = default.get_config()
+def get_config(arg=None):
+  """`arg` as for `default.py` (another network or loss), e.g. `demo.py:unet`."""
+  c = default.get_config(arg)
   c.model.widths = (8, 16, 32, 64, 128)
   c.data.name = "ct_phantom"
   c.data.image_size = 128

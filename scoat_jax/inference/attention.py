@@ -39,8 +39,14 @@ def _sam_fn(model: nn.Module):
   names = tuple(type(model).attention_maps)
   def attend(variables, images):
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
-    # sow() stores a tuple of the values sown under a name; each SAM sows once.
-    return {name: state["intermediates"][name]["attention"][0][..., 0] for name in names}
+    # sow() stores a tuple of the values sown under a name; each gate sows once.
+    # A name is the '/'-separated path of the module that sowed it.
+    def sown(name):
+      tree = state["intermediates"]
+      for part in name.split("/"):
+        tree = tree[part]
+      return tree["attention"][0][..., 0]
+    return {name: sown(name) for name in names}
   return jax.jit(attend)
 
 

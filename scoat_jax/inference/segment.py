@@ -14,7 +14,8 @@ read from there). Per scan `<name>`, into `--output`:
                              image's size, palette PNG of label indices)
   <name>_probability.nii.gz  P(opacity), float32 (--save_probabilities;
                              2-D: 8-bit PNG, value = 255 x P)
-  <name>_attention_z<k>.png  SAM maps of x_1_1, x_2_2, x_1_3 over slice k
+  <name>_attention_z<k>.png  the network's attention maps over slice k (SCOAT-Net:
+                             the SAMs of x_1_1, x_2_2, x_1_3)
                              (--save_attention; 2-D: <name>_attention.png)
   <name>_report.json         lov_ml, lung_volume_ml, poi_percent, lesions,
                              class volumes (3-class models), the checkpoints
@@ -173,6 +174,11 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
     if data[0].nbytes <= budget:
       kept[item], budget = data, budget - data[0].nbytes
   models = inference.load_ensemble(list(checkpoints))
+  if save_attention and not type(models[0].model).attention_maps:
+    from scoat_jax.models import available_models, model_class
+    with_maps = [n for n in available_models() if model_class(n).attention_maps]
+    raise PredictError(f"--save_attention: {models[0].config.model_name} has no attention maps "
+                       f"(networks with maps: {', '.join(with_maps)}); drop the flag.")
   if any(i.kind == "volume" for i in items) and models[0].intensity == "uint8":
     logging.warning("the model was trained on 8-bit slice exports; HU volumes are windowed to "
                     "%s HU for it", models[0].hu_window)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -28,17 +29,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoat_jax.models import conv as conv_lib
-from scoat_jax.models.scoat_net import SCOATNet
 
 DTYPES = ("float32", "bfloat16")
-DEEP_SUPERVISION = ("mean", "last", "none")
+DEEP_SUPERVISION = ("auto", "mean", "last", "none")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
-  """A registered network: its linen class and, if any, its PyTorch weight converter."""
-  module: type[nn.Module]
+  """A registered network: where its linen class lives and, if any, its PyTorch weight converter.
+
+  The class is imported on first use, so a command loads only the network it runs.
+  """
+  path: str  # "module:Class" below scoat_jax.models
   torch_weights: Callable[[str], dict] | None = None
+
+  @property
+  def module(self) -> type[nn.Module]:
+    module, cls = self.path.split(":")
+    return getattr(importlib.import_module(f"scoat_jax.models.{module}"), cls)
 
 
 def _scoat_net_torch_weights(path: str) -> dict:
@@ -46,8 +54,19 @@ def _scoat_net_torch_weights(path: str) -> dict:
   return torch_weights.load(path)
 
 
+# Table II of the paper (SCOAT-Net and its six baselines), then Table III
+# (UNet++ with three other attention modules at SCOAT-Net's six attended nodes).
 _REGISTRY: dict[str, ModelEntry] = {
-    "scoat_net": ModelEntry(SCOATNet, torch_weights=_scoat_net_torch_weights),
+    "scoat_net": ModelEntry("scoat_net:SCOATNet", torch_weights=_scoat_net_torch_weights),
+    "fcn": ModelEntry("fcn:FCN"),
+    "unet": ModelEntry("unet:UNet"),
+    "unet_pp": ModelEntry("unet_pp:UNetPlusPlus"),
+    "pspnet": ModelEntry("pspnet:PSPNet"),
+    "deeplabv3": ModelEntry("deeplabv3:DeepLabV3"),
+    "attention_unet": ModelEntry("attention_unet:AttentionUNet"),
+    "unet_pp_att_v1": ModelEntry("unet_pp_att_v1:UNetPlusPlusResidualAttention"),
+    "unet_pp_att_v2": ModelEntry("unet_pp_att_v2:UNetPlusPlusAttentionGates"),
+    "unet_pp_att_v3": ModelEntry("unet_pp_att_v3:UNetPlusPlusPyramidAttention"),
 }
 
 
@@ -95,24 +114,69 @@ def make_conv(cpu_weight_grad: str = "auto") -> Callable[..., nn.Module]:
   return functools.partial(conv_lib.Conv, weight_grad=cpu_weight_grad)
 
 
+# Module fields every network shares, set from the top level of a config (not `config.model`).
+_SHARED_FIELDS = ("parent", "name", "deep_supervision", "dtype", "conv", "in_channels", "node")
+
+
+def has_heads(name: str) -> bool:
+  """Whether network `name` has several heads to supervise (a `deep_supervision` field)."""
+  return "deep_supervision" in {f.name for f in dataclasses.fields(model_class(name))}
+
+
+def model_options(name: str) -> dict:
+  """The network's own options with their defaults, for `config.model` (`default.py:NAME`).
+
+  `num_classes` and `widths` are left out: every config has them (widths None
+  means the network's default).
+  """
+  out = {}
+  for field in dataclasses.fields(model_class(name)):
+    if field.name in _SHARED_FIELDS + ("num_classes", "widths") or not field.init:
+      continue
+    value = field.default
+    if isinstance(value, (bool, int, float, str, tuple)):
+      out[field.name] = value
+  return out
+
+
+def deep_supervision_mode(config: Any) -> str:
+  """`config.deep_supervision` resolved: 'auto' is 'mean' for networks with heads, else 'none'.
+
+  Raises:
+    ModelConfigError: an unknown mode, or 'mean'/'last' for a network with one head.
+  """
+  mode = config.deep_supervision
+  if mode not in DEEP_SUPERVISION:
+    raise ModelConfigError(f"config.deep_supervision={mode!r}: use one of {DEEP_SUPERVISION}")
+  heads = has_heads(config.model_name)
+  if mode == "auto":
+    return "mean" if heads else "none"
+  if mode != "none" and not heads:
+    raise ModelConfigError(
+        f"config.deep_supervision={mode!r}, but {config.model_name} has one head: use 'none' "
+        "or 'auto' (deep supervision needs a UNet++-style network).")
+  return mode
+
+
 def create_model(config: Any) -> nn.Module:
   """The network of an experiment config (`scoat_jax/configs/default.py`).
 
-  Reads `model_name`, `model` (the network's own arguments), `deep_supervision`
-  ('none' builds one head), `dtype` and `cpu_weight_grad`; nothing else.
+  Reads `model_name`, `model` (the network's own arguments; `widths` None
+  keeps the network's default), `deep_supervision` ('none' builds one head),
+  `dtype` and `cpu_weight_grad`; nothing else.
 
   Raises:
     ModelConfigError: a field names no valid choice.
   """
-  if config.deep_supervision not in DEEP_SUPERVISION:
-    raise ModelConfigError(f"config.deep_supervision={config.deep_supervision!r}: use one of "
-                           f"{DEEP_SUPERVISION}")
+  mode = deep_supervision_mode(config)
   if config.dtype not in DTYPES:
     raise ModelConfigError(f"config.dtype={config.dtype!r}: use one of {DTYPES}")
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(config.model).items()}
-  return get_model(config.model_name, deep_supervision=config.deep_supervision != "none",
-                   dtype=jnp.dtype(config.dtype), conv=make_conv(config.cpu_weight_grad),
-                   **kwargs)
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(config.model).items()
+            if v is not None}
+  if has_heads(config.model_name):
+    kwargs["deep_supervision"] = mode != "none"
+  return get_model(config.model_name, dtype=jnp.dtype(config.dtype),
+                   conv=make_conv(config.cpu_weight_grad), **kwargs)
 
 
 def load_torch_weights(name: str, path: str) -> dict:

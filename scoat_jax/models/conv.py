@@ -1,4 +1,4 @@
-"""A stride-1 'same' convolution whose weight gradient is fast on CPUs.
+"""A 'same' convolution whose stride-1 weight gradient is fast on CPUs.
 
 XLA's CPU backend computes the weight gradient of a 3x3 convolution as a
 convolution over the batch and spatial axes, which is several times slower
@@ -168,17 +168,25 @@ conv2d_fast_weight_grad.defvjp(_fwd, _bwd)
 
 
 class Conv(nn.Module):
-  """Stride-1 'same' convolution with bias (parameters `kernel`, `bias`).
+  """'Same' convolution, optionally strided or dilated, with or without bias.
 
-  Same parameter names and shapes as `flax.linen.Conv`, so checkpoints do not
-  depend on which gradient is used. Networks receive it as their `conv`
-  (a `functools.partial` of this class, see `scoat_jax.models.create_model`).
+  Same parameter names and shapes as `flax.linen.Conv` (`kernel`, and `bias`
+  when `use_bias`), so checkpoints do not depend on which gradient is used.
+  Networks receive it as their `conv` (a `functools.partial` of this class,
+  see `scoat_jax.models.create_model`). Padding is PyTorch's
+  `padding=dilation * (k // 2)` on both sides: a stride-s convolution of an
+  input whose size divides by s gives size / s.
 
   Attributes:
     features: output channels.
-    kernel_size: odd square kernel size (1 or 3 in SCOAT-Net).
-    weight_grad: how the weight gradient is computed on the CPU backend (GPUs
-      and TPUs always use XLA's): 'auto' (the native kernel where it is faster,
+    kernel_size: odd square kernel size.
+    strides: stride of both spatial axes.
+    dilation: kernel dilation of both spatial axes (atrous convolution).
+    use_bias: add a learnt bias (convolutions followed by BatchNorm in ResNets
+      have none).
+    weight_grad: how the weight gradient of a stride-1, undilated convolution
+      is computed on the CPU backend (GPUs and TPUs, and every other
+      convolution, use XLA's): 'auto' (the native kernel where it is faster,
       else 'taps'), 'native' (the kernel wherever it applies), 'taps' (one XLA
       dot per kernel tap), 'xla' (XLA's own convolution gradient).
     dtype: compute dtype; parameters are float32.
@@ -186,6 +194,9 @@ class Conv(nn.Module):
   """
   features: int
   kernel_size: int = 3
+  strides: int = 1
+  dilation: int = 1
+  use_bias: bool = True
   weight_grad: str = "auto"
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -199,10 +210,17 @@ class Conv(nn.Module):
       raise ValueError(f"weight_grad={self.weight_grad!r}: use one of {WEIGHT_GRADS}")
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if self.weight_grad == "xla" or jax.default_backend() != "cpu":
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.strides != 1 or self.dilation != 1:
+      pad = self.dilation * (self.kernel_size // 2)
+      y = lax.conv_general_dilated(
+          x, kernel, (self.strides, self.strides), ((pad, pad), (pad, pad)),
+          rhs_dilation=(self.dilation, self.dilation), dimension_numbers=_DIMS)
+    elif self.weight_grad == "xla" or jax.default_backend() != "cpu":
       y = conv2d_native(x, kernel)
     else:
       y = conv2d_fast_weight_grad(x, kernel, self.weight_grad)
-    return y + bias
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y

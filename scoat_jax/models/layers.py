@@ -22,7 +22,7 @@ Flax the biased one (a factor n/(n-1), n = batch x height x width pixels).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,27 @@ def norm_def(*, train: bool, dtype: Dtype) -> ModuleDef:
       nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
       scale_init=bn_scale_init, bias_init=nn.initializers.zeros,
       dtype=dtype, param_dtype=jnp.float32)
+
+
+def check_input_shape(network: str, shape: Sequence[int], multiple: int, reason: str) -> None:
+  """Raises ValueError unless `shape` is NHWC with height and width multiples of `multiple`.
+
+  Args:
+    network: the network's name for the message (e.g. 'SCOAT-Net').
+    shape: the input's shape.
+    multiple: height and width must divide by it.
+    reason: why, e.g. 'four 2x2 max-pools'.
+  """
+  if len(shape) != 4:
+    raise ValueError(
+        f"{network} takes NHWC input (batch, height, width, channels); got shape "
+        f"{tuple(shape)}: add the missing axes (e.g. x[..., None] for channels).")
+  height, width = shape[1], shape[2]
+  if height % multiple or width % multiple:
+    raise ValueError(
+        f"{network} needs height and width divisible by {multiple} ({reason}); got "
+        f"{height}x{width}: resize or pad the slice first (the input pipeline letterboxes "
+        f"to config.data.image_size).")
 
 
 def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:

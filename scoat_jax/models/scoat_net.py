@@ -41,17 +41,7 @@ PAPER_ATTENTION_MAPS = ("sam_1_1", "sam_2_2", "sam_1_3")
 
 def check_input_shape(shape: Sequence[int]) -> None:
   """Raises ValueError unless `shape` is NHWC with H, W multiples of 16."""
-  if len(shape) != 4:
-    raise ValueError(
-        f"SCOAT-Net takes NHWC input (batch, height, width, channels); got shape "
-        f"{tuple(shape)}: add the missing axes (e.g. x[..., None] for channels).")
-  multiple = SCOATNet.input_multiple
-  height, width = shape[1], shape[2]
-  if height % multiple or width % multiple:
-    raise ValueError(
-        f"SCOAT-Net needs height and width divisible by {multiple} (four 2x2 "
-        f"max-pools); got {height}x{width}: resize or pad the slice first "
-        f"(the input pipeline letterboxes to config.data.image_size).")
+  layers.check_input_shape("SCOAT-Net", shape, SCOATNet.input_multiple, "four 2x2 max-pools")
 
 
 class SCOATNet(nn.Module):

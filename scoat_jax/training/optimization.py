@@ -34,7 +34,8 @@ class TrainState(train_state.TrainState):
 def create_loss(config: ml_collections.ConfigDict) -> Callable:
   """`config.loss` with `config.loss_kwargs`, applied to the heads as `config.deep_supervision` says."""
   base = losses.get_loss(config.loss, **config.loss_kwargs)
-  return functools.partial(losses.deep_supervision_loss, base, mode=config.deep_supervision)
+  mode = models.deep_supervision_mode(config)
+  return functools.partial(losses.deep_supervision_loss, base, mode=mode)
 
 
 def create_optimizer(schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -63,12 +64,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: Calla
   means over the sharded batch axis become cross-device reductions, so N
   devices compute exactly what one device would.
   """
-  del rng  # SCOAT-Net has no dropout; kept for a uniform step signature.
-
   def compute_loss(params):
+    # `rng` feeds the dropout of the networks that have it (FCN, PSPNet, DeepLabV3).
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        train=True, mutable=["batch_stats"])
+        train=True, mutable=["batch_stats"], rngs={"dropout": rng})
     return loss_fn(logits, batch["mask"]), updates
 
   (loss, updates), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
