@@ -54,7 +54,8 @@ def echo(text: str) -> None:
 
 # ----------------------------------------------------------------------------- flags
 
-def _expanded_args(argv: Sequence[str]) -> list[str]:
+def expanded_args(argv: Sequence[str]) -> list[str]:
+  """The command-line arguments after argv[0], with every --flagfile read in."""
   from absl import flags
   try:
     return list(flags.FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False))
@@ -89,7 +90,7 @@ def _field_paths(config, prefix: str = "") -> list[str]:
 
 def _config_override_error(argv: Sequence[str], error: Exception) -> str:
   """One line for a `--config` file or `--config.<field>` override that failed to apply."""
-  args = _expanded_args(argv)
+  args = expanded_args(argv)
   spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
   if spec is None:
     return f"--config: {str(error).splitlines()[0]}"

@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start_step = int(jax.device_get(state.step))
     train_step = optimization.make_train_step(config, mesh)
     validate = Validator(config, model)
-    meta = {"config": checkpoints.config_to_dict(config),
+    meta = {"config": checkpoints.config_to_dict(config), "total_steps": total_steps,
             "intensity": input_pipeline.intensity(config.data)}
     batches = input_pipeline.train_batches(
         config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
