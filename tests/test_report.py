@@ -1,14 +1,22 @@
-"""Cross-validation report: best checkpoint per fold, pooled statistics, grouping, files."""
+"""Cross-validation report: best checkpoint per fold, pooled statistics, grouping, p-values,
+costs, files."""
 import csv
+import functools
+import itertools
 import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from trained_checkpoint import save_checkpoint
+from scoat_jax import models
+from scoat_jax.configs.default import get_config as default_config
 from scoat_jax.evaluation import cv_report as report
 
 # Shares the tiny trained checkpoint with the other inference tests (one worker).
@@ -52,7 +60,7 @@ def runs(tmp_path_factory):
 def test_pooled_statistics_of_best_steps(runs, tmp_path):
   root, dirs, data = runs
   out = tmp_path / "out"
-  summary = report.run([str(root / "*")], str(out))
+  summary = report.run([str(root / "*")], str(out), costs=False)
   assert [row["model"] for row in summary] == ["scoat_net / bce_dice", "unet / dice"]
   assert [(row["runs"], row["cases"]) for row in summary] == [(2, 5), (1, 2)]
   pooled = [data["scoat_f0"][3] + data["scoat_f1"][3], data["unet_f0"][3]]
@@ -77,14 +85,14 @@ def test_pooled_statistics_of_best_steps(runs, tmp_path):
       assert im.format == "PNG"
   # Refused without --overwrite, replaced with it.
   with pytest.raises(ValueError, match="earlier report"):
-    report.run([str(root / "*")], str(out))
-  report.run([str(root / "*")], str(out), overwrite=True)
+    report.run([str(root / "*")], str(out), costs=False)
+  report.run([str(root / "*")], str(out), overwrite=True, costs=False)
 
 
 def test_labels_group_runs_and_bad_requests(runs, tmp_path):
   root, dirs, _ = runs
   ws = [str(dirs[k]) for k in ("scoat_f0", "scoat_f1", "unet_f0")]
-  summary = report.run(ws, str(tmp_path / "l"), labels=["A,A", "B"])
+  summary = report.run(ws, str(tmp_path / "l"), labels=["A,A", "B"], costs=False)
   assert [(r["model"], r["cases"]) for r in summary] == [("A", 5), ("B", 2)]
   cases = {
       "label count": (dict(labels=["A"]), "2 label\\(s\\)|1 label\\(s\\) for 3"),
@@ -92,7 +100,7 @@ def test_labels_group_runs_and_bad_requests(runs, tmp_path):
   }
   for name, (kw, match) in cases.items():
     with pytest.raises(ValueError, match=match):
-      report.run(ws, str(tmp_path / name.replace(" ", "_")), **kw)
+      report.run(ws, str(tmp_path / name.replace(" ", "_")), costs=False, **kw)
     assert not (tmp_path / name.replace(" ", "_")).exists()
   # A case validated in two folds of one row (a split mistake) is refused.
   twice = _workdir(root / "x", "dup", model="scoat_net", loss="bce_dice", fold=2,
@@ -113,10 +121,20 @@ def test_real_training_workdir_and_cli(trained_workdir, runs, tmp_path):
   # The per-case metrics training stores are read as they are.
   [row] = report.run([str(trained_workdir)], str(tmp_path / "real"))
   assert row["model"] == "scoat_net / bce_dice" and row["cases"] >= 1
+  # Its network's cost: the tiny SCOAT-Net the run trained, at 512 px, timed here.
+  config = report.load_run(trained_workdir).config
+  model = models.create_model(ml_collections.ConfigDict(
+      {**default_config().to_dict(), **config, "deep_supervision": "none"}))
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             jnp.zeros((1, 64, 64, 1)))
+  assert row["params"] == models.count_params(variables["params"])
+  assert row["gflops"] > 0 and row["forward_ms"] > 0
+  md = (tmp_path / "real" / "cv_report.md").read_text(encoding="utf-8")
+  assert f"| {row['params']:,} | {row['gflops']:.2f} |" in md
   # `--workdirs runs/fold*` expanded by the shell: the folders after the first are positional.
   root, dirs, _ = runs
   cmd = [sys.executable, "-m", "scoat_jax.report", "--workdirs", str(dirs["scoat_f0"]),
-         str(dirs["scoat_f1"]), str(dirs["unet_f0"]), f"--output={tmp_path / 'cli'}"]
+         str(dirs["scoat_f1"]), str(dirs["unet_f0"]), f"--output={tmp_path / 'cli'}", "--nocosts"]
   run = dict(cwd=REPO, capture_output=True, encoding="utf-8", timeout=300)
   done = subprocess.run(cmd, **run)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -124,3 +142,37 @@ def test_real_training_workdir_and_cli(trained_workdir, runs, tmp_path):
   bad = subprocess.run(cmd[:4] + [f"--output={tmp_path / 'cli'}"], **run)
   assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ")
   assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def _exact_wilcoxon(diff):
+  """Two-sided exact p of the signed-rank statistic, by enumerating every sign pattern."""
+  ranks = stats_rank(np.abs(diff))
+  observed = ranks[diff > 0].sum()
+  totals = np.array([sum(r for r, s in zip(ranks, signs) if s)
+                     for signs in itertools.product([0, 1], repeat=len(diff))])
+  lower, upper = np.mean(totals <= observed), np.mean(totals >= observed)
+  return min(1.0, 2 * min(lower, upper))
+
+
+def stats_rank(values):
+  order = np.argsort(values)
+  ranks = np.empty(len(values))
+  ranks[order] = np.arange(1, len(values) + 1)
+  return ranks
+
+
+def test_paired_wilcoxon_against_exact_enumeration(tmp_path):
+  def run(label, dsc, ids):
+    return report.Run(tmp_path, label, 0, 1, [{"case_id": i, "dsc": d} for i, d in zip(ids, dsc)])
+  ref = run("ref", [0.5, 0.6, 0.7, 0.8, 0.9, 0.4], "abcdef")
+  # Paired by id (order differs), distinct |differences|, mixed signs; case 'z' is unpaired.
+  other = run("x", [0.91, 0.83, 0.45, 0.725, 0.58, 0.3, 0.2], "edacbfz")
+  p, n = report.paired_wilcoxon([other], [ref])
+  diff = np.array([0.45 - 0.5, 0.58 - 0.6, 0.725 - 0.7, 0.83 - 0.8, 0.91 - 0.9, 0.3 - 0.4])
+  assert n == 6 and p == pytest.approx(_exact_wilcoxon(diff))
+  # All better: the smallest two-sided p for n = 5 is 2 / 2^5.
+  better = run("b", [0.51, 0.62, 0.73, 0.84, 0.95], "abcde")
+  assert report.paired_wilcoxon([better], [ref])[0] == pytest.approx(2 / 32)
+  assert report.paired_wilcoxon([ref], [ref]) == (1.0, 6)
+  with pytest.raises(ValueError, match="share no validation case"):
+    report.paired_wilcoxon([run("y", [0.5], "q")], [ref])

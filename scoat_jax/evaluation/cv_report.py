@@ -13,8 +13,16 @@ rows by `config.model_name` and `config.loss` from `<workdir>/config.json`, or b
 (each case is validated in exactly one fold) and summarised as mean ± std
 (population std, as in the training logs) and median over cases.
 
-Writes into --output: `cv_report.md` (the table, plus one line per run),
-`cv_report.csv` (one row per model/loss: mean, std, median of each metric),
+Beyond the paper's columns, each row gets the two-sided paired Wilcoxon
+signed-rank p-value of its per-case DSC against a reference row (SCOAT-Net
+with BCE-Dice unless --reference names another; cases paired by id), and the
+cost of its network: trainable parameters, GFLOPs and forward milliseconds
+per 512x512 slice on the machine that writes the report
+(`scoat_jax.evaluation.model_cost`).
+
+Writes into --output: `cv_report.md` (the tables, plus one line per run),
+`cv_report.csv` (one row per model/loss: mean, std, median of each metric,
+p-value, costs),
 `cv_per_case.csv` (every case of every run) and `boxplot_<metric>.png` (one
 box per row, the cases as dots).
 """
@@ -38,6 +46,7 @@ from scoat_jax import checkpoints, configs  # noqa: E402
 from scoat_jax.common import fileio  # noqa: E402
 from scoat_jax.evaluation import metrics as metrics_lib  # noqa: E402
 
+COST_SLICE = 512  # the paper's slice size, for GFLOPs and forward time
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 TITLES = {"dsc": "DSC", "sen": "SEN", "ppv": "PPV", "va": "VA", "rlp": "RLP", "rlr": "RLR"}
 OUTPUTS = ("cv_report.md", "cv_report.csv", "cv_per_case.csv") + tuple(
@@ -56,6 +65,7 @@ class Run:
   fold: int | None
   step: int
   per_case: list[dict]
+  config: dict = dataclasses.field(default_factory=dict)
 
 
 def expand_workdirs(patterns: Sequence[str]) -> list[pathlib.Path]:
@@ -118,7 +128,7 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
     label = f"{config.get('model_name', '?')} / {config.get('loss', '?')}"
   fold = (config.get("data") or {}).get("fold")
   step = int(step_dir.name) if step_dir.name.isdigit() else int(meta.get("step", -1))
-  return Run(workdir, label, fold, step, rows)
+  return Run(workdir, label, fold, step, rows, config)
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
@@ -141,8 +151,55 @@ def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
   return groups
 
 
-def summarise(groups: dict[str, list[Run]]) -> list[dict]:
-  """One row per group: runs, cases, and mean/std/median of each metric over pooled cases."""
+def reference_label(groups: dict[str, list[Run]], reference: str | None = None) -> str | None:
+  """The row the p-values compare with: `reference`, else SCOAT-Net trained with BCE-Dice.
+
+  Raises:
+    ReportError: `reference` names no row.
+  """
+  if reference:
+    if reference not in groups:
+      raise ReportError(f"--reference={reference}: no such row; rows: {', '.join(groups)}.")
+    return reference
+  for label, members in groups.items():
+    config = members[0].config
+    if config.get("model_name") == "scoat_net" and config.get("loss") == "bce_dice":
+      return label
+  return None
+
+
+def paired_wilcoxon(row: Sequence[Run], reference: Sequence[Run], metric: str = "dsc"
+                    ) -> tuple[float, int]:
+  """Two-sided Wilcoxon signed-rank p-value of a row's per-case metric against the reference's.
+
+  Cases are paired by case id (both rows must score the same cases; the
+  folds are the same when both were trained on the same split). Zero
+  differences are dropped (Wilcoxon's method); with no non-zero difference
+  left the rows do not differ and p is 1.
+
+  Returns:
+    (p, number of paired cases).
+
+  Raises:
+    ReportError: the rows share no case.
+  """
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  a = {c["case_id"]: c[metric] for r in row for c in r.per_case}
+  b = {c["case_id"]: c[metric] for r in reference for c in r.per_case}
+  shared = sorted(set(a) & set(b))
+  if not shared:
+    raise ReportError(f"{row[0].label!r} and {reference[0].label!r} share no validation case; "
+                      "compare rows trained on the same folds, or pass --reference.")
+  diff = np.array([a[k] - b[k] for k in shared], np.float64)
+  if not np.any(diff != 0):
+    return 1.0, len(shared)
+  return float(stats.wilcoxon(diff, zero_method="wilcox").pvalue), len(shared)
+
+
+def summarise(groups: dict[str, list[Run]], *, reference: str | None = None,
+              costs: dict[str, dict] | None = None) -> list[dict]:
+  """One row per group: runs, cases, mean/std/median of each metric over pooled cases,
+  the p-value of its per-case DSC against the reference row, and the network's costs."""
   rows = []
   for label, members in groups.items():
     cases = [{m: c[m] for m in METRICS} for r in members for c in r.per_case]
@@ -151,6 +208,12 @@ def summarise(groups: dict[str, list[Run]]) -> list[dict]:
     for m in METRICS:
       row.update({f"{m}_mean": stats[m]["mean"], f"{m}_std": stats[m]["std"],
                   f"{m}_median": stats[m]["median"]})
+    p = n = None
+    if reference is not None and label != reference:
+      p, n = paired_wilcoxon(members, groups[reference])
+    row.update({"dsc_p_vs_reference": p, "paired_cases": n})
+    cost = (costs or {}).get(label, {})
+    row.update({k: cost.get(k) for k in ("params", "gflops", "forward_ms")})
     rows.append(row)
   return rows
 
@@ -163,17 +226,38 @@ def _csv(rows: list[dict]) -> str:
   return buf.getvalue()
 
 
-def markdown(summary: list[dict], groups: dict[str, list[Run]]) -> str:
-  """The paper-style table (mean ± std, median in brackets) and a list of the runs used."""
+def _fmt(value, spec: str, missing: str = "–") -> str:
+  return missing if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def markdown(summary: list[dict], groups: dict[str, list[Run]], *,
+             reference: str | None = None, machine: str = "") -> str:
+  """The paper-style table (mean ± std, median in brackets), the costs, and the runs used."""
+  ref = f"its per-case DSC against **{reference}**'s" if reference else "no reference row"
   lines = ["# Cross-validation results", "",
            "Each cell: mean ± std (median) over the validation cases of all folds; each fold "
-           "scored at its best checkpoint (highest validation DSC).", "",
-           "| Model / loss | Folds | Cases | " + " | ".join(TITLES[m] for m in METRICS) + " |",
-           "|---|---:|---:|" + "---:|" * len(METRICS)]
+           "scored at its best checkpoint (highest validation DSC). p: two-sided paired Wilcoxon "
+           f"signed-rank test of {ref} (cases paired by id).", "",
+           "| Model / loss | Folds | Cases | " + " | ".join(TITLES[m] for m in METRICS)
+           + " | p (DSC) |",
+           "|---|---:|---:|" + "---:|" * len(METRICS) + "---:|"]
   for row in summary:
     cells = [f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f} ({row[f'{m}_median']:.4f})"
              for m in METRICS]
-    lines.append(f"| {row['model']} | {row['runs']} | {row['cases']} | " + " | ".join(cells) + " |")
+    p = "ref." if row["model"] == reference else _fmt(row["dsc_p_vs_reference"], ".3g")
+    lines.append(f"| {row['model']} | {row['runs']} | {row['cases']} | " + " | ".join(cells)
+                 + f" | {p} |")
+  if any(row.get("params") is not None for row in summary):
+    lines += ["", "## Cost", "",
+              "Of each row's network as its runs' config builds it, inference with one head, "
+              f"one 1-channel {COST_SLICE}x{COST_SLICE} slice. GFLOPs: XLA's "
+              "count for the compiled forward pass (multiply-add = 2). Forward: median of 3 "
+              f"after a warm-up, batch 1, on {machine or 'this machine'}.", "",
+              "| Model / loss | Trainable parameters | GFLOPs / slice | Forward ms / slice |",
+              "|---|---:|---:|---:|"]
+    for row in summary:
+      lines.append(f"| {row['model']} | {_fmt(row['params'], ',')} | "
+                   f"{_fmt(row['gflops'], '.2f')} | {_fmt(row['forward_ms'], '.1f')} |")
   lines += ["", "## Runs", "", "| Model / loss | Workdir | Fold | Best step | Cases | DSC |",
             "|---|---|---:|---:|---:|---:|"]
   for label, members in groups.items():
@@ -182,6 +266,13 @@ def markdown(summary: list[dict], groups: dict[str, list[Run]]) -> str:
       lines.append(f"| {label} | {r.workdir} | {'' if r.fold is None else r.fold} | {r.step} | "
                    f"{len(r.per_case)} | {dsc:.4f} |")
   return "\n".join(lines) + "\n"
+
+
+def measure_costs(groups: dict[str, list[Run]], *, timing: bool = True) -> dict[str, dict]:
+  """Parameters, GFLOPs and forward ms of each row's network (its first run's config)."""
+  from scoat_jax.evaluation import model_cost  # pylint: disable=import-outside-toplevel
+  return {label: model_cost.measure(members[0].config, size=COST_SLICE, timing=timing)
+          for label, members in groups.items()}
 
 
 def boxplot(groups: dict[str, list[Run]], metric: str, path: pathlib.Path) -> pathlib.Path:
@@ -212,7 +303,8 @@ def boxplot(groups: dict[str, list[Run]], metric: str, path: pathlib.Path) -> pa
 
 
 def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
-        overwrite: bool = False) -> list[dict]:
+        overwrite: bool = False, reference: str | None = None, costs: bool = True,
+        timing: bool = True) -> list[dict]:
   """Reads every run, then writes the report files; the programmatic form of the CLI.
 
   Args:
@@ -220,6 +312,9 @@ def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
     output: folder for the report (created after every run is read).
     labels: one row label per workdir (default: 'model / loss' from config.json).
     overwrite: replace an earlier report in `output`.
+    reference: the row the p-values compare with (default: SCOAT-Net with BCE-Dice).
+    costs: measure each row's parameters and GFLOPs (builds the networks).
+    timing: also time each network's forward pass (needs `costs`).
 
   Returns:
     The summary rows (as in cv_report.csv).
@@ -238,11 +333,18 @@ def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
                       "folder or pass --overwrite.")
   runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(paths)]
   groups = group_runs(runs)
-  summary = summarise(groups)
+  reference = reference_label(groups, reference)
+  cost = measure_costs(groups, timing=timing) if costs else None
+  summary = summarise(groups, reference=reference, costs=cost)
+  machine = ""
+  if cost and timing:
+    from scoat_jax.evaluation import model_cost  # pylint: disable=import-outside-toplevel
+    machine = model_cost.machine()
   per_case = [{"model": r.label, "workdir": str(r.workdir), "fold": r.fold, "step": r.step, **c}
               for r in runs for c in r.per_case]
   output.mkdir(parents=True, exist_ok=True)
-  for name, text in (("cv_report.md", markdown(summary, groups)), ("cv_report.csv", _csv(summary)),
+  for name, text in (("cv_report.md", markdown(summary, groups, reference=reference,
+                                                machine=machine)), ("cv_report.csv", _csv(summary)),
                      ("cv_per_case.csv", _csv(per_case))):
     fileio.write_text(text, output / name)
   for m in METRICS:
