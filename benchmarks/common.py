@@ -21,16 +21,19 @@ from typing import Any, Callable
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", default="scoat_net")
+  p.add_argument("--model", default="scoat_net",
+                 help="network(s), comma-separated, or 'all' (scoat_jax.models.available_models())")
   p.add_argument("--size", default="128", help="image side(s), comma-separated: 128,256,512")
   p.add_argument("--batch", default="2", help="global batch size(s), comma-separated")
   p.add_argument("--dtype", default="float32", help="float32, bfloat16 or both: float32,bfloat16")
   p.add_argument("--devices", type=int, default=1,
                  help="data-parallel devices (on CPU, fakes this many host devices)")
-  p.add_argument("--widths", default="32,64,128,256,512", help="channel widths of the 5 rows")
+  p.add_argument("--widths", default="", help="channel widths of the 5 levels (default: each "
+                 "network's own, e.g. 32..512 for the U-Nets, 64..2048 for the ResNet-50 ones)")
   p.add_argument("--cpu_weight_grad", default="auto",
                  help="CPU weight-gradient path(s): auto, native, taps, xla, comma-separated")
-  p.add_argument("--deep_supervision", default="mean", choices=("mean", "last", "none"))
+  p.add_argument("--deep_supervision", default="auto", choices=("auto", "mean", "last", "none"),
+                 help="auto: mean over the heads of networks that have several")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--compilation_cache_dir", default="~/.cache/scoat_jax/jax_cache",
@@ -53,7 +56,14 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
   bad = [w for w in args.weight_grads if w not in ("auto", "native", "taps", "xla")]
   if bad:
     p.error(f"--cpu_weight_grad={args.cpu_weight_grad}: {bad[0]!r} is not auto, native, taps or xla")
-  args.width_tuple = tuple(int(w) for w in args.widths.split(","))
+  args.width_tuple = tuple(int(w) for w in args.widths.split(",")) if args.widths else None
+  from scoat_jax import models  # after XLA_FLAGS: importing it starts no backend
+  args.models = (models.available_models() if args.model == "all"
+                 else [m.strip() for m in args.model.split(",") if m.strip()])
+  bad = [m for m in args.models if m not in models.available_models()]
+  if bad:
+    p.error(f"--model: {bad[0]!r} is not a network; choose from "
+            f"{', '.join(models.available_models())} or all")
   return args
 
 
@@ -156,13 +166,15 @@ def report(rows: list[dict], *, as_json: bool, title: str) -> None:
   """Prints a Markdown table (to stderr when --json: stdout then holds only JSON lines)."""
   out = sys.stderr if as_json else sys.stdout
   print(f"\n{title}", file=out)
-  print("| size | batch | dtype | CPU weight grad | compile (s) | step median (s) | min | max "
-        "| slices/s | GFLOP/step | achieved GFLOP/s | peak RSS (GiB) | peak device (GiB) |", file=out)
-  print("|" + "---|" * 13, file=out)
+  print("| model | size | batch | dtype | CPU weight grad | compile (s) | step median (s) | min "
+        "| max | slices/s | GFLOP/step | achieved GFLOP/s | peak RSS (GiB) | peak device (GiB) |",
+        file=out)
+  print("|" + "---|" * 14, file=out)
   for r in rows:
     gflop = r["flops_per_step"] / 1e9 if r["flops_per_step"] else None
     rate = r["flop_per_s"] / 1e9 if r["flop_per_s"] else None
-    print(f"| {r['size']} | {r['batch']} | {r['dtype']} | {r.get('cpu_weight_grad') or '-'} "
+    print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['dtype']} "
+          f"| {r.get('cpu_weight_grad') or '-'} "
           f"| {r['compile_s']:.1f} | {r['step_s_median']:.3f} | {r['step_s_min']:.3f} "
           f"| {r['step_s_max']:.3f} | {r['slices_per_s']:.2f} | {_fmt(gflop, '.0f')} "
           f"| {_fmt(rate, '.1f')} | {r['peak_rss_gib']:.2f} | {_fmt(r['peak_device_gib'], '.2f')} |",

@@ -1,7 +1,8 @@
-"""Times SCOAT-Net's inference forward pass (slices -> labels) on random slices.
+"""Times a network's inference forward pass (slices -> labels) on random slices.
 
   python benchmarks/predict.py --size=512 --batch=8,32 --dtype=float32,bfloat16
   python benchmarks/predict.py --size=128 --widths=16,32,64,128,256 --json
+  python benchmarks/predict.py --model=all --size=256 --batch=2   # every network
 
 The timed function is the one validation and `scoat_jax.predict` run per batch
 (`scoat_jax.evaluation.make_predict_fn`: eval-mode forward, last head,
@@ -21,7 +22,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402  (the benchmarks folder is not a package)
 
 
-def bench_one(args, *, mesh, size: int, batch: int, dtype: str) -> dict:
+def bench_one(args, *, mesh, model: str, size: int, batch: int, dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
   from scoat_jax.evaluation import validation
@@ -29,24 +30,24 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str) -> dict:
   from scoat_jax import models
   from scoat_jax.configs import default
 
-  config = default.get_config()
-  config.model_name, config.model.widths, config.dtype = args.model, args.width_tuple, dtype
+  config = default.get_config(model)
+  config.model.widths, config.dtype = args.width_tuple, dtype
   config.deep_supervision = args.deep_supervision
   parallel.check_batch_size(batch, mesh, flag="--batch")
-  model = models.create_model(config)
+  network = models.create_model(config)
   # Initialisation compiled without optimisation, as in training.
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1)), train=False),
+  variables = jax.jit(lambda r: network.init(r, jnp.zeros((1, size, size, 1)), train=False),
                       compiler_options={"xla_backend_optimization_level": 0})(jax.random.key(0))
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  predict = validation.make_predict_fn(model.apply, num_classes=config.num_classes,
+  predict = validation.make_predict_fn(network.apply, num_classes=config.num_classes,
                                        average_heads=False, mesh=mesh)
   images = np.random.default_rng(0).random((batch, size, size, 1), dtype=np.float32)
   images = jax.device_put(images, parallel.data_sharding(mesh))
   timing = common.compile_and_time(predict, (variables, images), warmup=args.warmup,
                                    repeats=args.repeats)
-  return common.summarize({"benchmark": "predict", "model": args.model, "size": size,
+  return common.summarize({"benchmark": "predict", "model": model, "size": size,
                            "batch": batch, "dtype": dtype, "cpu_weight_grad": None,
-                           "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
+                           "widths": list(network.widths)}, timing, batch=batch, mesh=mesh)
 
 
 def main(argv=None) -> int:
@@ -56,9 +57,10 @@ def main(argv=None) -> int:
   args = common.parse(p, argv)
   mesh = common.setup(args)
   common.run_grid(functools.partial(bench_one, args), mesh,
-                  {"size": args.sizes, "batch": args.batches, "dtype": args.dtypes},
+                  {"model": args.models, "size": args.sizes, "batch": args.batches,
+                   "dtype": args.dtypes},
                   as_json=args.json,
-                  title=f"predict (forward only), {args.model} widths {args.widths}")
+                  title=f"predict (forward only), widths {args.widths or 'of each network'}")
   return 0
 
 

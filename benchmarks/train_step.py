@@ -1,15 +1,17 @@
-"""Times SCOAT-Net's training step (forward, backward, Adam) on random slices.
+"""Times a network's training step (forward, backward, Adam) on random slices.
 
   python benchmarks/train_step.py --size=128,256,512 --batch=2 --cpu_weight_grad=auto,xla
   python benchmarks/train_step.py --size=512 --batch=8,16,32 --dtype=float32,bfloat16 --json
   python benchmarks/train_step.py --devices=4 --size=64 --widths=8,16,32,64,128
   python benchmarks/train_step.py --cpu_weight_grad=taps ...   # per-tap XLA gradient only
+  python benchmarks/train_step.py --model=all --size=256 --batch=2   # every network
 
 The step is `scoat_jax.training.optimization.train_step` under the same jit, shardings and
 donation as training (state replicated, batch sharded over `--devices`), with
-the paper's loss (BCE-Dice, deep supervision averaged over four heads). Inputs
-are random images with random square lesions; their values do not change the
-arithmetic. The default widths are the paper's (10.2 M parameters).
+the paper's loss (BCE-Dice; deep supervision averaged over four heads for
+the networks that have them). Inputs are random images with random square
+lesions; their values do not change the arithmetic. The default widths are
+each network's own (SCOAT-Net: the paper's, 10.2 M parameters).
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def random_batch(batch: int, size: int, seed: int = 0) -> dict:
   return {"image": image, "mask": mask}
 
 
-def bench_one(args, *, mesh, size: int, batch: int, dtype: str, weight_grad: str) -> dict:
+def bench_one(args, *, mesh, model: str, size: int, batch: int, dtype: str, weight_grad: str
+              ) -> dict:
   import jax
   from scoat_jax.common import parallel
   from scoat_jax import models
@@ -42,14 +45,14 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str, weight_grad: str
   from scoat_jax.training import optimization
   from scoat_jax.training.schedule import paper_schedule
 
-  config = default.get_config()
-  config.model_name, config.model.widths, config.dtype = args.model, args.width_tuple, dtype
+  config = default.get_config(model)
+  config.model.widths, config.dtype = args.width_tuple, dtype
   config.cpu_weight_grad, config.deep_supervision = weight_grad, args.deep_supervision
   config.data.image_size = size
   parallel.check_batch_size(batch, mesh, flag="--batch")
-  model = models.create_model(config)
+  network = models.create_model(config)
   tx = optimization.create_optimizer(paper_schedule(steps_per_epoch=100))
-  state = optimization.create_train_state(config, model, tx, jax.random.key(0), mesh)
+  state = optimization.create_train_state(config, network, tx, jax.random.key(0), mesh)
   step = optimization.make_train_step(config, mesh)
   data = jax.device_put(random_batch(batch, size), parallel.data_sharding(mesh))
   step_args = (state, data, jax.random.key(1))
@@ -62,14 +65,14 @@ def bench_one(args, *, mesh, size: int, batch: int, dtype: str, weight_grad: str
   flops = common.xla_flops(native)  # None on GPU: then the compiled step's (the same convs)
   timing = common.compile_and_time(step, step_args, warmup=args.warmup, repeats=args.repeats,
                                    carry=lambda out, a: (out[0],) + a[1:], flops=flops)
-  return common.summarize({"benchmark": "train_step", "model": args.model, "size": size,
+  return common.summarize({"benchmark": "train_step", "model": model, "size": size,
                            "batch": batch, "dtype": dtype, "cpu_weight_grad": weight_grad,
                            # Whether the native CPU kernel was built and usable here;
                            # which convolutions take it depends on their sizes
                            # (`cpu_kernels.faster_than_xla`).
                            "native_cpu_kernel_available": (weight_grad in ("auto", "native")
                                                            and cpu_kernels.usable()),
-                           "widths": list(args.width_tuple)}, timing, batch=batch, mesh=mesh)
+                           "widths": list(network.widths)}, timing, batch=batch, mesh=mesh)
 
 
 def main(argv=None) -> int:
@@ -78,9 +81,10 @@ def main(argv=None) -> int:
   args = common.parse(p, argv)
   mesh = common.setup(args)
   common.run_grid(functools.partial(bench_one, args), mesh,
-                  {"size": args.sizes, "batch": args.batches, "dtype": args.dtypes,
+                  {"model": args.models, "size": args.sizes, "batch": args.batches,
+                   "dtype": args.dtypes,
                    "weight_grad": args.weight_grads},
-                  as_json=args.json, title=f"train step, {args.model} widths {args.widths}")
+                  as_json=args.json, title=f"train step, widths {args.widths or 'of each network'}")
   return 0
 
 

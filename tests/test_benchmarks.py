@@ -29,7 +29,7 @@ def _run(script: str, *flags: str) -> tuple[list[dict], str]:
 
 @pytest.mark.parametrize("script,flags,rows", [
     ("train_step.py", ("--dtype=float32,bfloat16",), 2),
-    ("predict.py", (), 1),
+    ("predict.py", ("--model=scoat_net,unet_pp",), 2),
 ])
 def test_json_lines_and_table(script, flags, rows):
   records, table = _run(script, *flags)
@@ -42,7 +42,12 @@ def test_json_lines_and_table(script, flags, rows):
     assert r["flops_per_step"] > 0  # XLA's CPU cost analysis
     assert r["flop_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s_median"])
     assert r["peak_rss_gib"] > 0
-  assert "| size | batch | dtype |" in table  # the table for people goes to stderr
+  assert "| model | size | batch | dtype |" in table  # the table for people goes to stderr
+
+
+def test_bad_model_is_refused():
+  proc = _benchmark("predict.py", "--model=resnet", "--size=32")
+  assert proc.returncode == 2 and "--model: 'resnet' is not a network" in proc.stderr
 
 
 def test_bad_batch_is_refused():
