@@ -176,10 +176,8 @@ class AttentionUNet(nn.Module):
       Logits (batch, height, width, num_classes) in float32.
     """
     layers.check_input_shape("Attention U-Net", x.shape, self.input_multiple,
-                             "four stride-2 convolutions")
-    if self.in_channels is not None and x.shape[-1] != self.in_channels:
-      raise ValueError(f"this Attention U-Net takes {self.in_channels} input channel(s), got "
-                       f"input of shape {tuple(x.shape)}.")
+                             "four stride-2 convolutions",
+                             in_channels=self.in_channels)
     if len(self.widths) != DEPTH + 1:
       raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
     widths, dtype = tuple(self.widths), self.dtype

@@ -166,10 +166,8 @@ class DeepLabV3(nn.Module):
     Returns:
       Logits (batch, height, width, num_classes), float32.
     """
-    layers.check_input_shape(NAME, x.shape, self.input_multiple, "output stride 8")
-    if self.in_channels is not None and x.shape[-1] != self.in_channels:
-      raise ValueError(f"this {NAME} takes {self.in_channels} input channel(s), got input of "
-                       f"shape {tuple(x.shape)}.")
+    layers.check_input_shape(NAME, x.shape, self.input_multiple, "output stride 8",
+                             in_channels=self.in_channels)
     widths, dtype = resnet.check_widths(NAME, self.widths), self.dtype
     if widths[4] % 8:
       raise ValueError(f"{NAME}: widths[4] must divide by 8 (ASPP has widths[4] // 8 "

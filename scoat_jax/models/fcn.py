@@ -113,10 +113,8 @@ class FCN(nn.Module):
     Returns:
       Logits (batch, height, width, num_classes), float32.
     """
-    layers.check_input_shape(NAME, x.shape, self.input_multiple, "output stride 8")
-    if self.in_channels is not None and x.shape[-1] != self.in_channels:
-      raise ValueError(f"this {NAME} takes {self.in_channels} input channel(s), got input of "
-                       f"shape {tuple(x.shape)}.")
+    layers.check_input_shape(NAME, x.shape, self.input_multiple, "output stride 8",
+                             in_channels=self.in_channels)
     widths, dtype = resnet.check_widths(NAME, self.widths), self.dtype
     conv = layers.conv_def(self.conv, dtype=dtype)
     norm = layers.norm_def(train=train, dtype=dtype)

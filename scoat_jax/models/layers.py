@@ -70,7 +70,8 @@ def norm_def(*, train: bool, dtype: Dtype) -> ModuleDef:
       dtype=dtype, param_dtype=jnp.float32)
 
 
-def check_input_shape(network: str, shape: Sequence[int], multiple: int, reason: str) -> None:
+def check_input_shape(network: str, shape: Sequence[int], multiple: int, reason: str,
+                      in_channels: int | None = None) -> None:
   """Raises ValueError unless `shape` is NHWC with height and width multiples of `multiple`.
 
   Args:
@@ -78,6 +79,7 @@ def check_input_shape(network: str, shape: Sequence[int], multiple: int, reason:
     shape: the input's shape.
     multiple: height and width must divide by it.
     reason: why, e.g. 'four 2x2 max-pools'.
+    in_channels: the channels the network expects (None: any).
   """
   if len(shape) != 4:
     raise ValueError(
@@ -89,6 +91,9 @@ def check_input_shape(network: str, shape: Sequence[int], multiple: int, reason:
         f"{network} needs height and width divisible by {multiple} ({reason}); got "
         f"{height}x{width}: resize or pad the slice first (the input pipeline letterboxes "
         f"to config.data.image_size).")
+  if in_channels is not None and shape[-1] != in_channels:
+    raise ValueError(f"this {network} takes {in_channels} input channel(s), got input of "
+                     f"shape {tuple(shape)}.")
 
 
 def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:

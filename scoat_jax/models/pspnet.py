@@ -163,10 +163,8 @@ class PSPNet(nn.Module):
     Returns:
       Logits (batch, height, width, num_classes), float32.
     """
-    layers.check_input_shape(NAME, x.shape, self.input_multiple, "output stride 8")
-    if self.in_channels is not None and x.shape[-1] != self.in_channels:
-      raise ValueError(f"this {NAME} takes {self.in_channels} input channel(s), got input of "
-                       f"shape {tuple(x.shape)}.")
+    layers.check_input_shape(NAME, x.shape, self.input_multiple, "output stride 8",
+                             in_channels=self.in_channels)
     bins = tuple(self.bins)
     if not bins or len(set(bins)) != len(bins) or min(bins) < 1:
       raise ValueError(f"{NAME}: bins must be distinct positive sizes, got {self.bins}")

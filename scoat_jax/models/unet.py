@@ -92,10 +92,8 @@ class UNet(nn.Module):
     Returns:
       Logits (batch, height, width, num_classes) in float32.
     """
-    layers.check_input_shape("U-Net", x.shape, self.input_multiple, "four 2x2 max-pools")
-    if self.in_channels is not None and x.shape[-1] != self.in_channels:
-      raise ValueError(f"this U-Net takes {self.in_channels} input channel(s), got input "
-                       f"of shape {tuple(x.shape)}.")
+    layers.check_input_shape("U-Net", x.shape, self.input_multiple, "four 2x2 max-pools",
+                             in_channels=self.in_channels)
     if len(self.widths) != DEPTH + 1:
       raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
     widths, dtype = tuple(self.widths), self.dtype

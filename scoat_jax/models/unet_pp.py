@@ -116,10 +116,8 @@ class UNetPlusPlus(nn.Module):
       such arrays ordered `x_0_1 .. x_0_4` when `deep_supervision` is set.
     """
     name = type(self).__name__
-    layers.check_input_shape(name, x.shape, self.input_multiple, "four 2x2 max-pools")
-    if self.in_channels is not None and x.shape[-1] != self.in_channels:
-      raise ValueError(f"this {name} takes {self.in_channels} input channel(s), got input "
-                       f"of shape {tuple(x.shape)}.")
+    layers.check_input_shape(name, x.shape, self.input_multiple, "four 2x2 max-pools",
+                             in_channels=self.in_channels)
     if len(self.widths) != DEPTH + 1:
       raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
     widths, dtype = tuple(self.widths), self.dtype
