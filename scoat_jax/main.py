@@ -28,9 +28,11 @@ flags.DEFINE_bool("overwrite", False, "Replace a different run already in --work
 
 def _train_or_evaluate() -> None:
   import jax  # Imported here so that --help is fast.
+  from scoat_jax import models
   from scoat_jax.common import parallel
   from scoat_jax.training import input_pipeline, train
   config = FLAGS.config
+  models.create_model(config)  # a config naming no valid network fails here, before any log
   parallel.maybe_initialize_distributed(force=config.distributed)
   logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)

@@ -21,16 +21,19 @@ from ml_collections import config_flags
 from scoat_jax.common import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file for every run.",
-                                lock_config=True)
-flags.DEFINE_list("rows", [], "The table's rows: networks (Tables II-III) or losses (Table I); "
-                  "'unet+focal' sets both.")
-flags.DEFINE_string("folds", "0-4", "Folds to run: '0-4', '0,2', '0-1,3'.")
-flags.DEFINE_string("root", None, "Runs go to <root>/<row>/fold<k>.")
-flags.DEFINE_enum("emit", "run", ["run", "commands", "slurm"],
-                  "run: train the runs here in sequence; commands: print one command per line; "
-                  "slurm: print a Slurm array script.")
-flags.DEFINE_multi_string("slurm_options", [], "Extra #SBATCH options, e.g. --gres=gpu:1.")
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Experiment config file for every run.",
+                                  lock_config=True)
+  flags.DEFINE_list("rows", [], "The table's rows: networks (Tables II-III) or losses "
+                    "(Table I); 'unet+focal' sets both.")
+  flags.DEFINE_string("folds", "0-4", "Folds to run: '0-4', '0,2', '0-1,3'.")
+  flags.DEFINE_string("root", None, "Runs go to <root>/<row>/fold<k>.")
+  flags.DEFINE_enum("emit", "run", ["run", "commands", "slurm"],
+                    "run: train the runs here in sequence; commands: print one command per "
+                    "line; slurm: print a Slurm array script.")
+  flags.DEFINE_multi_string("slurm_options", [], "Extra #SBATCH options, e.g. --gres=gpu:1.")
 
 
 def _sweep(argv) -> None:
@@ -67,6 +70,7 @@ def main(argv):
 
 def console_main() -> None:
   """The `scoat-sweep` console command."""
+  define_flags()
   cli.run_command(main)
 
 

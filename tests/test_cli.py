@@ -26,10 +26,13 @@ def _one_error_line(proc) -> str:
     ("--config.model.widhts=3", "did you mean --config.model.widths?"),
     ("--config.data.image_sise=64", "did you mean --config.data.image_size?"),
     ("--config.batch_size=abc", "--config.batch_size"),
+    ("--config.model=unet", "pick the network with --config.model_name=unet"),
+    ("--config.model_name=resnet", "unknown model 'resnet'"),
+    ("--config.deep_supervision=mean --config.model_name=unet", "unet has one head"),
 ])
 def test_a_misspelt_or_bad_config_field_is_one_line(tmp_path, override, expected):
   workdir = tmp_path / "run"
-  line = _one_error_line(_run("scoat_jax.main", "--flagfile=launch/demo.cfg", override,
+  line = _one_error_line(_run("scoat_jax.main", "--flagfile=launch/demo.cfg", *override.split(),
                               f"--workdir={workdir}"))
   assert expected in line, line
   assert not workdir.exists()
@@ -58,6 +61,7 @@ def test_console_scripts_name_the_commands():
                          ("scoat-predict", "scoat_jax.predict:console_main"),
                          ("scoat-followup", "scoat_jax.followup:console_main"),
                          ("scoat-report", "scoat_jax.report:console_main"),
+                         ("scoat-sweep", "scoat_jax.sweep:console_main"),
                          ("scoat-build-dataset", "scoat_jax.datasets.build:console_main"),
                          ("scoat-phantom", "scoat_jax.data.phantom.__main__:console_main")]:
     assert f'{script} = "{target}"' in text

@@ -125,6 +125,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         hasattr(flags.FLAGS[name].value, "to_dict")  # raises OSError for a bad file
     return rest
   except flags.Error as e:
+    network = next((a.split("=", 1)[1] for a in expanded_args(argv)
+                    if a.startswith("--config.model=")), None)
+    if network is not None:
+      fail(f"--config.model={network}: config.model holds the network's options; pick the "
+           f"network with --config.model_name={network} (or "
+           f"--config=scoat_jax/configs/default.py:{network} for its options too).")
     fail(str(e).splitlines()[0] + " (--help lists the flags).")
   except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     # ml_collections raises these while applying --config and its overrides.
