@@ -58,8 +58,8 @@ def _sweep(argv) -> None:
     # The run printed its own error line; this one says which run it was.
     print(f"error: run failed with status {e.returncode}: {e.cmd}", file=sys.stderr)
     sys.exit(e.returncode)
-  logging.info("%d run(s) trained, %d already finished; report: python -m scoat_jax.report "
-               "--workdirs '%s/*/fold*'", done["ran"], done["skipped"], FLAGS.root)
+  logging.info("%d run(s) trained, %d already finished; the table: %s", done["ran"],
+               done["skipped"], sweep.report_command(FLAGS.rows, FLAGS.root))
 
 
 def main(argv):

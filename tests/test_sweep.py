@@ -70,6 +70,11 @@ def test_slurm_script_is_valid_bash_with_one_task_per_run(tmp_path):
   assert done.returncode == 0 and done.stdout.split() == list(runs[4].argv[1:3]) + [
       a for a in " ".join(runs[4].argv[3:]).split()]
   assert sweep.commands(runs).splitlines() == [r.shell() for r in runs]
+  # The report keeps the table's row order (comma lists expand in order).
+  command = sweep.report_command(["unet", "fcn"], tmp_path / "r t")
+  assert command == ("python -m scoat_jax.report --workdirs="
+                     f"'{tmp_path}/r t/unet/fold*,{tmp_path}/r t/fcn/fold*' "
+                     f"--output='{tmp_path}/r t/report'")
 
 
 def test_finished_means_the_newest_checkpoint_is_at_the_last_step(trained_workdir, tmp_path):

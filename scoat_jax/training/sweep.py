@@ -13,8 +13,8 @@ with `python -m scoat_jax.main`, given the sweep's `--config` file and every
 A run is finished when its newest checkpoint is at the run's last step (the
 checkpoint meta stores both); finished runs are skipped, an interrupted one
 resumes from its checkpoint (main's own resume), a run that failed stops the
-sweep with its exit status. `python -m scoat_jax.report --workdirs
-'<root>/*/fold*'` then writes the table.
+sweep with its exit status. `report_command` gives the report of the table
+with its rows in the table's order.
 """
 from __future__ import annotations
 
@@ -122,6 +122,13 @@ def is_finished(workdir: pathlib.Path) -> bool:
     total = meta.get("total_steps")
     return total is not None and int(meta.get("step", step)) >= int(total)
   return False
+
+
+def report_command(rows: Sequence[str], root: str | pathlib.Path) -> str:
+  """The report command for a table, its rows in the table's order."""
+  patterns = ",".join(str(pathlib.Path(root) / row / "fold*") for row in rows)
+  return (f"python -m scoat_jax.report --workdirs={shlex.quote(patterns)} "
+          f"--output={shlex.quote(str(pathlib.Path(root) / 'report'))}")
 
 
 def commands(runs: Sequence[Run]) -> str:
