@@ -39,10 +39,13 @@ zero:
 empty: nothing was claimed, so nothing was claimed wrongly.)
 
 `hd95` gives the 95th percentile Hausdorff distance in millimetres (if
-`spacing` is in millimetres): 0.0 when both masks are empty, +inf when exactly
-one is. `aggregate` reduces per-case dicts to mean/std/median over the finite
-values and counts the infinite ones separately. `confusion_sums` is the
-jit-friendly per-image (TP, FP, FN) reduction for use inside a training loop.
+`spacing` is in millimetres) under the pooled convention (the 95th percentile
+of both directed surface-distance sets taken together; `surface` has it and
+the max-of-directed convention of MONAI and DeepMind side by side): 0.0 when
+both masks are empty, +inf when exactly one is. `aggregate` reduces per-case
+dicts to mean/std/median over the finite values and counts the infinite ones
+separately. `confusion_sums` is the jit-friendly per-image (TP, FP, FN)
+reduction for use inside a training loop.
 """
 from __future__ import annotations
 
@@ -52,43 +55,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage, spatial
+from scipy import ndimage
+
+from scoat_jax.evaluation import surface
+from scoat_jax.evaluation.surface import (as_mask as _as_mask, check_pair as _check_pair,
+                                          check_spacing as _check_spacing)
 
 METRIC_NAMES = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
-
-
-def _as_mask(x, name: str) -> np.ndarray:
-  arr = np.asarray(x)
-  if arr.ndim not in (2, 3):
-    raise ValueError(f"{name} must be a 2-D or 3-D mask, got shape {arr.shape}.")
-  if arr.dtype == bool:
-    return arr
-  if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-    raise ValueError(f"{name} has dtype {arr.dtype}; pass a bool or 0/1 numeric mask.")
-  if np.any((arr != 0) & (arr != 1)):
-    raise ValueError(f"{name} holds values other than 0 and 1; binarise it first "
-                     f"(e.g. mask > 0, or labels == k for one class).")
-  return arr != 0
-
-
-def _check_pair(pred, truth) -> tuple[np.ndarray, np.ndarray]:
-  a, b = _as_mask(pred, "pred"), _as_mask(truth, "truth")
-  if a.shape != b.shape:
-    raise ValueError(f"pred shape {a.shape} and truth shape {b.shape} differ; "
-                     f"score masks of the same case and size.")
-  return a, b
-
-
-def _check_spacing(spacing, ndim: int) -> tuple[float, ...] | None:
-  if spacing is None:
-    return None
-  values = np.asarray(spacing, np.float64)
-  if values.ndim == 0:
-    values = np.full(ndim, values)
-  if values.shape != (ndim,) or not np.all(np.isfinite(values)) or not np.all(values > 0):
-    raise ValueError(f"spacing={spacing!r} must be {ndim} positive finite voxel sizes "
-                     f"(one per mask axis) or one positive number.")
-  return tuple(float(v) for v in values)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -187,22 +160,17 @@ def case_metrics(pred, truth, *, spacing: Sequence[float] | None = None) -> dict
   }
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-  # Mask voxels with a face neighbour (4-connectivity in 2-D, 6 in 3-D)
-  # outside the mask; the caller pads with background, so the image border
-  # counts as outside.
-  cross = ndimage.generate_binary_structure(mask.ndim, 1)
-  return mask & ~ndimage.binary_erosion(mask, structure=cross)
-
-
 def hd95(pred, truth, spacing: Sequence[float] | None = None) -> float:
-  """95th percentile symmetric Hausdorff distance between mask surfaces.
+  """95th percentile symmetric Hausdorff distance between mask surfaces, pooled convention.
 
   Surface voxels are mask voxels with a face neighbour outside the mask (the
   image border counts as outside). The distances from every surface voxel of
   A to the nearest surface voxel of B, and from every surface voxel of B to
   the nearest of A, are pooled into one set; the result is its 95th
-  percentile (numpy's default linear interpolation).
+  percentile (numpy's default linear interpolation). This is
+  `surface.hd95_pooled`; MONAI and DeepMind's surface-distance take the
+  larger of the two directed 95th percentiles instead
+  (`surface.hd95_max_directed`), which differs on the same masks.
 
   Args:
     pred: the model's binary mask A, 2-D or 3-D, bool or 0/1.
@@ -214,24 +182,7 @@ def hd95(pred, truth, spacing: Sequence[float] | None = None) -> float:
     The distance as a float: 0.0 when both masks are empty, float('inf') when
     exactly one is empty (`aggregate` counts those apart from the finite ones).
   """
-  a, b = _check_pair(pred, truth)
-  sampling = _check_spacing(spacing, a.ndim)
-  has_a, has_b = bool(a.any()), bool(b.any())
-  if not (has_a or has_b):
-    return 0.0
-  if has_a != has_b:
-    return float("inf")
-  # Crop to the bounding box of A ∪ B (plus one background voxel per side,
-  # which makes the image border count as outside). Nearest-surface distances
-  # come from k-d trees over the surface points: exact, and far cheaper than
-  # two whole-box EDTs when lesions are scattered through a scan.
-  box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(a | b))
-  scale = np.ones(a.ndim) if sampling is None else np.asarray(sampling)
-  points_a = np.argwhere(_surface(np.pad(a[box], 1))) * scale
-  points_b = np.argwhere(_surface(np.pad(b[box], 1))) * scale
-  to_b, _ = spatial.KDTree(points_b).query(points_a)
-  to_a, _ = spatial.KDTree(points_a).query(points_b)
-  return float(np.percentile(np.concatenate([to_b, to_a]), 95))
+  return surface.hd95_pooled(pred, truth, spacing)
 
 
 def _is_number(v) -> bool:
