@@ -8,9 +8,12 @@ Layout of a training workdir:
     <workdir>/metrics.jsonl      one line per evaluation
     <workdir>/tensorboard/       event files
 
-Two checkpoints are preserved: the latest (to resume) and the best by
+Checkpoints preserved: the KEEP_LATEST latest (to resume) and the best by
 validation DSC (to deploy). Orbax's `best_fn` with `max_to_keep` alone can
-delete the latest, so preservation is an explicit "latest OR best" policy.
+delete the latest, so preservation is an explicit "latest OR best" policy. A
+run without validation (`data.fold=-1`, the final model on every case) saves
+its checkpoints without metrics: no best exists, the latest are kept, and the
+latest is the one deployed (`resolve_step_dir`).
 """
 from __future__ import annotations
 
@@ -146,7 +149,9 @@ class WorkdirGuard:
 def make_manager(workdir: str | pathlib.Path) -> ocp.CheckpointManager:
   """A manager keeping the KEEP_LATEST latest checkpoints and the best by validation DSC.
 
-  Unfinished saves (`*.orbax-checkpoint-tmp*` folders a killed run left) are removed.
+  Checkpoints saved without metrics (fold -1, or an interrupted run's) are
+  never the best; they are kept only while among the latest. Unfinished saves
+  (`*.orbax-checkpoint-tmp*` folders a killed run left) are removed.
   """
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
   best = lambda metrics: metrics[BEST_METRIC]  # noqa: E731
@@ -189,12 +194,18 @@ def save(manager: ocp.CheckpointManager, state, *, meta: dict,
          metrics: dict | None = None) -> None:
   """Saves `state` at its step with JSON `meta`; `metrics` rank it for 'best'.
 
+  With `metrics` None (a run without validation) the step is saved unranked:
+  it is kept while among the KEEP_LATEST latest, and never the best.
+
   Raises:
     CheckpointError: the disk is full; the unfinished save is removed and the
       earlier checkpoints are untouched.
   """
   step = int(jax.device_get(state.step))
   tree = state_to_tree(state)
+  absl_logger, unranked = py_logging.getLogger("absl"), _DropUnrankedWarning()
+  if metrics is None:  # Orbax warns at every such save; here it is intended
+    absl_logger.addFilter(unranked)
   try:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
@@ -210,6 +221,15 @@ def save(manager: ocp.CheckpointManager, state, *, meta: dict,
         f"{directory.parent}: the disk is full; saving step {step} needs about "
         f"{_nbytes(tree) / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free. Free space and run "
         f"the same command again: it resumes from step {manager.latest_step() or 0}.") from None
+  finally:
+    absl_logger.removeFilter(unranked)
+
+
+class _DropUnrankedWarning(py_logging.Filter):
+  # "Requested `tracked_metric`; did not provide metrics.": Orbax's warning for
+  # a step saved without metrics, which fold -1 and interrupted runs do on purpose.
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):
@@ -245,7 +265,12 @@ def restore_latest(manager: ocp.CheckpointManager, state):
 
 
 def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
-  """Finds one saved step from a workdir (its best), a checkpoints dir, or a step dir.
+  """Finds one saved step from a workdir, a checkpoints dir, or a step dir.
+
+  From a workdir or its checkpoints folder: the best step by validation DSC;
+  where no step has validation metrics, the latest step. That is a run
+  trained with `data.fold=-1` (every case, no validation: its latest step is
+  its final model), or one interrupted before its first evaluation.
 
   Raises:
     CheckpointError: when `path` holds no checkpoint.
@@ -259,7 +284,10 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
     raise CheckpointError(f"{path}: no such checkpoint; pass a training workdir, its "
                           f"checkpoints folder, or one saved step folder.")
   manager = make_manager(path.parent) if path.name == "checkpoints" else None
-  step = manager.best_step() if manager is not None else None
+  step = None
+  if manager is not None:
+    step = manager.best_step()  # None when no step has metrics: then the latest
+    step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"{path}: holds no saved step; train first or pass a step folder.")
   return path / str(step)
@@ -298,8 +326,8 @@ def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], dict]:
   """Loads `{'params', 'batch_stats'}` and the meta JSON of a saved step.
 
   Args:
-    path: a training workdir (its best checkpoint), its `checkpoints` folder,
-      or one saved step folder.
+    path: a training workdir (its best checkpoint; a fold -1 run's latest), its
+      `checkpoints` folder, or one saved step folder.
 
   Returns:
     (variables, meta) with NumPy leaves, ready for `model.apply`.

@@ -1,8 +1,10 @@
-r"""Trains (or evaluates) a network on one cross-validation fold.
+r"""Trains (or evaluates) a network on one cross-validation fold, or on every case (fold -1).
 
     python -m scoat_jax.main --flagfile=launch/cv_fold0.cfg [--workdir=DIR]
     python -m scoat_jax.main --config=scoat_jax/configs/default.py \
         --config.data.fold=1 --workdir=runs/fold1
+    python -m scoat_jax.main --flagfile=launch/demo.cfg --config.data.fold=all \
+        --workdir=runs/final     # fold -1 (= all): every case, no validation
     python -m scoat_jax.main --flagfile=launch/cv_fold0.cfg --mode=eval \
         --checkpoint=runs/cv_fold0 [--split=validation]
 
@@ -33,6 +35,7 @@ def _train_or_evaluate() -> None:
   from scoat_jax.training import input_pipeline, train
   config = FLAGS.config
   models.create_model(config)  # a config naming no valid network fails here, before any log
+  config = train.resolve_fold(config)  # and a fold that is neither an integer nor 'all'
   parallel.maybe_initialize_distributed(force=config.distributed)
   logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)

@@ -80,7 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.name = "ct_volumes"          # ct_volumes | covid_semiseg | ct_phantom
   c.data.data_dir = ""                # "" -> TFDS default (~/tensorflow_datasets).
   c.data.image_size = 512
-  c.data.fold = 0
+  # Which of num_folds parts validates; -1 (or `--config.data.fold=all`) trains the final
+  # model on every case, without validation (data.folds). Any literal parses, so `all`
+  # can be given; training stores it as -1.
+  c.data.fold = ml_collections.FieldReference(0, field_type=object)
   c.data.num_folds = 5
   c.data.fold_seed = 0
   c.data.hu_window = (-1250.0, 250.0)  # (ours) HU window scaled to [0, 1].

@@ -13,6 +13,11 @@ rows by `config.model_name` and `config.loss` from `<workdir>/config.json`, or b
 (each case is validated in exactly one fold) and summarised as mean ± std
 (population std, as in the training logs) and median over cases.
 
+A final model's workdir (`--config.data.fold=-1`: trained on every case,
+validated on none) has no validation metrics and is refused with one line
+naming it, whether named directly or matched by a glob: the report is of
+cross-validation folds, and skipping a run silently could hide a mistake.
+
 Beyond the paper's columns, each row gets the two-sided paired Wilcoxon
 signed-rank p-value of its per-case DSC against a reference row (SCOAT-Net
 with BCE-Dice unless --reference names another; cases paired by id), and the
@@ -107,8 +112,8 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   """Reads one workdir's config and the per-case metrics of its best checkpoint.
 
   Raises:
-    ReportError / CheckpointError: no config.json, no checkpoint, or a best
-      step without per-case metrics.
+    ReportError / CheckpointError: no config.json, a fold -1 run (no
+      validation), no checkpoint, or a best step without per-case metrics.
   """
   workdir = pathlib.Path(workdir)
   try:
@@ -116,6 +121,11 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   except (OSError, ValueError) as e:
     raise ReportError(f"{workdir}: no readable config.json ({type(e).__name__}); pass training "
                       "workdirs (python -m scoat_jax.main --workdir=...).") from None
+  fold = (config.get("data") or {}).get("fold")
+  if fold in (-1, "all"):  # data.folds.ALL_FOLDS (training stores 'all' as -1)
+    raise ReportError(f"{workdir}: trained with data.fold=-1 on every case, so it has no "
+                      "validation metrics; leave it out of --workdirs and report the runs of "
+                      "folds 0..k-1.")
   with checkpoints.quiet_orbax():
     step_dir = checkpoints.resolve_step_dir(workdir)
   meta = checkpoints.read_meta(step_dir)
@@ -126,7 +136,6 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   rows = [_check_case(workdir, step_dir, i, c) for i, c in enumerate(per_case)]
   if label is None:
     label = f"{config.get('model_name', '?')} / {config.get('loss', '?')}"
-  fold = (config.get("data") or {}).get("fold")
   step = int(step_dir.name) if step_dir.name.isdigit() else int(meta.get("step", -1))
   return Run(workdir, label, fold, step, rows, config)
 

@@ -1,6 +1,6 @@
 """Training and evaluation batches of CT slices, with grain over a TFDS data source.
 
-API: `train_batches`, `eval_batches`, `eval_case_ids`, `num_train_examples`,
+API: `train_batches`, `eval_batches`, `eval_case_ids`, `case_ids`, `num_train_examples`,
 `ensure_dataset` (builds a dataset that can build itself on first use). Each
 slice is prepared by `scoat_jax.data.preprocess.prepare_slice`, the same code
 inference runs.
@@ -9,7 +9,8 @@ Config fields read from `data_cfg` (an ml_collections.ConfigDict, `config.data`)
   name              dataset: 'covid_semiseg', 'ct_volumes[/config]', 'ct_phantom[/config]'.
   data_dir          where it is built ('' -> the TFDS default).
   image_size        side S of the square slices fed to the model.
-  fold, num_folds, fold_seed   k-fold split by case (data.folds.split_cases).
+  fold, num_folds, fold_seed   k-fold split by case (data.folds.split_cases); fold -1
+                    (or 'all'): every case trains, the validation split is empty.
   hu_window         (lo, hi) HU mapped to [0, 1] (HU datasets; 8-bit ones use /255).
   num_classes       1: mask = label > 0 (any opacity); 3: keep 0/1/2.
   augment           bool; when False the following four are ignored.
@@ -113,7 +114,7 @@ def _split_scans(data_cfg, ds: ds_base.SliceDataset, split: str) -> list[ds_base
   if split == "all":
     return list(ds.scans)
   train_ids, val_ids = folds.split_cases(
-      ds.case_ids(), int(_field(data_cfg, "fold")), int(_field(data_cfg, "num_folds")),
+      ds.case_ids(), _field(data_cfg, "fold"), int(_field(data_cfg, "num_folds")),
       int(_field(data_cfg, "fold_seed")))
   keep = set(train_ids if split == "train" else val_ids)
   return [s for s in ds.scans if s.case_id in keep]
@@ -140,6 +141,16 @@ def _train_records(data_cfg, ds: ds_base.SliceDataset) -> np.ndarray:
 def num_train_examples(data_cfg) -> int:
   """Number of training slices of the configured fold (for steps per epoch)."""
   return int(_train_records(data_cfg, _open(data_cfg)).size)
+
+
+def case_ids(data_cfg, split: str = "train") -> list[str]:
+  """Sorted distinct case ids (patients) of a split: what the fold split assigns.
+
+  Args:
+    data_cfg: the data config.
+    split: 'train', 'validation' (empty for fold -1) or 'all'.
+  """
+  return sorted({s.case_id for s in _split_scans(data_cfg, _open(data_cfg), split)})
 
 
 def eval_case_ids(data_cfg, split: str = "validation") -> list[str]:

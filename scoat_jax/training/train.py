@@ -1,6 +1,8 @@
 """Training and evaluation loop: data parallel, resumable, evaluated every epoch.
 
-`train_and_evaluate(config, workdir)` trains one cross-validation fold. The
+`train_and_evaluate(config, workdir)` trains one cross-validation fold, or
+with `data.fold=-1` (or 'all') the final model on every case, without
+validation (checkpoints then carry no metrics and the latest are kept). The
 state is replicated and the batch sharded over `Mesh(devices, ('data',))`;
 the same code runs on one CPU, eight GPUs or several hosts. The batch at step
 s is a pure function of (seed, s) and the learning rate a pure function of s,
@@ -17,6 +19,7 @@ from absl import logging
 
 from scoat_jax import checkpoints, models
 from scoat_jax.common import cli, parallel
+from scoat_jax.data import folds
 from scoat_jax.evaluation import validation
 from scoat_jax.training import hooks, input_pipeline, optimization
 from scoat_jax.training.metrics_writer import MetricsWriter, summary_line
@@ -25,6 +28,30 @@ from scoat_jax.training.schedule import paper_schedule
 
 class NonFiniteLossError(cli.DivergedError):
   """The training loss became NaN or Inf (exit status 3 from the command)."""
+
+
+class NoValidationError(ValueError):
+  """An evaluation asked of a split without cases (fold -1 holds no case out)."""
+
+
+_NO_VALIDATION_FIX = ("evaluate another fold's run, or use python -m scoat_jax.evaluate on "
+                      "external data")
+
+
+def resolve_fold(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `data.fold` an int ('all' -> -1, `folds.parse_fold`); a copy if it changes.
+
+  Training stores the result in config.json, so `fold=all` and `fold=-1` are one run.
+
+  Raises:
+    FoldError: a fold that is neither -1/'all' nor in [0, data.num_folds).
+  """
+  fold = folds.parse_fold(config.data.fold, config.data.num_folds)
+  if isinstance(config.data.fold, int):  # already an int (parse_fold refused a bool)
+    return config
+  values = config.to_dict()
+  values["data"]["fold"] = fold
+  return ml_collections.ConfigDict(values)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
@@ -57,6 +84,9 @@ class Validator:
         model.apply, num_classes=config.num_classes,
         average_heads=config.predict_average_heads, mesh=parallel.make_mesh(jax.local_devices()))
     self.case_ids = input_pipeline.eval_case_ids(config.data, split=split)
+    if not self.case_ids:  # fold -1's validation split: nothing to average over
+      raise NoValidationError(f"config.data.fold={config.data.fold} has no {split} cases; "
+                              f"{_NO_VALIDATION_FIX}.")
 
   def __call__(self, variables, num_overlays: int = 0):
     """(aggregate, per_case, overlays) of `validation.evaluate`."""
@@ -70,6 +100,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        overwrite: bool = False) -> dict:
   """Trains one fold, evaluating and checkpointing every `config.eval_every_epochs`.
 
+  With `config.data.fold` -1 (or 'all', stored as -1) it trains on every case
+  and validates on none: the same checkpoints, ranked by nothing (the manager
+  keeps the latest), and metrics.jsonl lines with step, epoch, learning_rate
+  and train_loss only.
+
   Args:
     config: the experiment config (`scoat_jax/configs/default.py`).
     workdir: where checkpoints, metrics.jsonl and TensorBoard files go.
@@ -79,6 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The last evaluation's metrics (as written to metrics.jsonl).
   """
   workdir = pathlib.Path(workdir)
+  config = resolve_fold(config)
+  validating = config.data.fold != folds.ALL_FOLDS
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   spe = steps_per_epoch(config)
@@ -98,7 +135,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = _restore_or_initialise(state, manager, writer, config)
     start_step = int(jax.device_get(state.step))
     train_step = optimization.make_train_step(config, mesh)
-    validate = Validator(config, model)
+    validate = Validator(config, model) if validating else None
+    if not validating:
+      logging.info("fold -1 trains on all %d cases without validation; the latest %d "
+                   "checkpoints are kept.", len(input_pipeline.case_ids(config.data)),
+                   checkpoints.KEEP_LATEST)
     meta = {"config": checkpoints.config_to_dict(config), "total_steps": total_steps,
             "intensity": input_pipeline.intensity(config.data)}
     batches = input_pipeline.train_batches(
@@ -159,22 +200,31 @@ def _restore_or_initialise(state, manager, writer: MetricsWriter, config):
   return state
 
 
-def _evaluate_and_save(state, validate: Validator, writer: MetricsWriter, manager, meta: dict, *,
-                       done: int, epoch: float, learning_rate: float, train_loss: float,
-                       config) -> dict:
-  """Validates the state, writes the metrics, saves a checkpoint ranked by validation DSC."""
-  variables = validation.local_variables({"params": state.params,
-                                          "batch_stats": state.batch_stats})
-  aggregate, per_case, overlays = validate(
-      variables, num_overlays=config.num_overlays if writer.enabled else 0)
+def _evaluate_and_save(state, validate: Validator | None, writer: MetricsWriter, manager,
+                       meta: dict, *, done: int, epoch: float, learning_rate: float,
+                       train_loss: float, config) -> dict:
+  """Validates the state, writes the metrics, saves a checkpoint ranked by validation DSC.
+
+  Without a validator (fold -1) the record holds the training values only and
+  the checkpoint is saved without metrics (kept while it is among the latest).
+  """
   record = {"step": done, "epoch": epoch, "learning_rate": learning_rate,
-            "train_loss": train_loss, **aggregate}
-  logging.info("epoch %.2f  %s", epoch, summary_line(record))
+            "train_loss": train_loss}
+  saved, ranking, overlays = {"step": done, "epoch": epoch}, None, ()
+  if validate is not None:
+    variables = validation.local_variables({"params": state.params,
+                                            "batch_stats": state.batch_stats})
+    aggregate, per_case, overlays = validate(
+        variables, num_overlays=config.num_overlays if writer.enabled else 0)
+    record.update(aggregate)
+    saved["per_case"] = per_case
+    ranking = {checkpoints.BEST_METRIC: record.get("val_dsc", 0.0)}
+    logging.info("epoch %.2f  %s", epoch, summary_line(record))
+  else:
+    logging.info("epoch %.2f  train_loss %.4f (no validation: fold -1)", epoch, train_loss)
   # The checkpoint first: metrics.jsonl never names a step that was not saved
   # (the record travels with the checkpoint, for a run killed in between).
-  checkpoints.save(manager, state, meta=meta | {"step": done, "epoch": epoch, "per_case": per_case,
-                                                "record": record},
-                   metrics={checkpoints.BEST_METRIC: record.get("val_dsc", 0.0)})
+  checkpoints.save(manager, state, meta=meta | saved | {"record": record}, metrics=ranking)
   writer.write_evaluation(record, overlays)
   return record
 
@@ -194,7 +244,22 @@ class _Progress:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
                         split: str = "validation") -> tuple[dict, list[dict]]:
-  """Scores a saved model on a split of the configured fold (`--mode=eval`)."""
-  variables, _ = checkpoints.load_variables(checkpoint)
+  """Scores a saved model on a split of the configured fold (`--mode=eval`).
+
+  Raises:
+    NoValidationError: split 'validation' with `config.data.fold` -1, or of a
+      model trained with fold -1: it saw every case, none is held out.
+  """
+  config = resolve_fold(config)
+  if split == "validation" and config.data.fold == folds.ALL_FOLDS:
+    raise NoValidationError(f"--config.data.fold={config.data.fold} trains on every case and has "
+                            f"no validation cases: {_NO_VALIDATION_FIX}.")
+  with checkpoints.quiet_orbax():
+    step_dir = checkpoints.resolve_step_dir(checkpoint)
+  trained = checkpoints.read_meta(step_dir)["config"].get("data", {}).get("fold")
+  if split == "validation" and trained in (folds.ALL_FOLDS, "all"):
+    raise NoValidationError(f"--checkpoint={checkpoint}: a fold -1 run trained on every case, "
+                            f"so it has no validation cases: {_NO_VALIDATION_FIX}.")
+  variables = checkpoints.read_weights(step_dir)
   aggregate, per_case, _ = Validator(config, models.create_model(config), split)(variables)
   return aggregate, per_case
