@@ -55,3 +55,14 @@ def test_bad_batch_is_refused():
                     "--widths=4,8,16,32,64")
   assert proc.returncode != 0
   assert "--batch" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_quantify_benchmark_runs_and_checks_itself():
+  proc = _benchmark("quantify.py", "--size=96", "--depth=24", "--repeats=1", "--json")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [r["step"] for r in records] == ["lung_mask", "lesions", "quantify_volume"]
+  assert all(0 < r["s_min"] <= r["s_median"] <= r["s_max"] for r in records)
+  assert records[1]["lesions_match"] is True and records[1]["num_lesions"] > 0
+  assert abs(records[0]["lung_volume_error_pct"]) < 0.5   # the phantom's truth, within 0.5%
+  assert "| step | HU dtype |" in proc.stderr

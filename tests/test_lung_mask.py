@@ -1,6 +1,8 @@
 """Tests of the classical lung mask (data.lung_mask) on phantoms and hand-made volumes."""
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
+from scipy import spatial
 
 from scoat_jax.data import lung_mask as lm
 from scoat_jax.data import phantom
@@ -107,3 +109,101 @@ def test_no_lungs_and_bad_inputs():
     lm.lung_mask(hu, (1.0, 0.0, 1.0))
   with pytest.raises(lm.LungMaskError, match="spacing"):
     lm.lung_mask(hu, (1.0, 1.0))
+
+
+# The fast building blocks against the whole-array SciPy formulations they replace.
+
+def _blobs(rng, shape, p=0.03, grow=2):
+  """A random mask of a few blobs (seeds grown by a few dilations)."""
+  seeds = rng.random(shape) < p
+  return ndi.binary_dilation(seeds, iterations=grow)
+
+
+@pytest.mark.parametrize("spacing_yx,radius", [((0.7, 0.7), 10.0), ((0.5, 1.0), 10.0),
+                                               ((1.0, 1.0), 3.0), ((1.3, 0.6), 4.0)])
+def test_dilate_disc_matches_distance_transform(spacing_yx, radius):
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    mask = rng.random((41, 37)) < 0.01
+    ref = ndi.distance_transform_edt(~mask, sampling=spacing_yx) <= radius
+    np.testing.assert_array_equal(lm._dilate_disc(mask, spacing_yx, radius), ref)
+
+
+def test_close_and_fill_matches_edt_closing_and_fill_holes():
+  rng = np.random.default_rng(1)
+  sp, r = (0.8, 0.6), 4.0
+  part = np.stack([_blobs(rng, (40, 44), 0.01, 3) for _ in range(4)])
+  part[2] = False
+  pad = int(r / min(sp)) + 2
+  ref = np.zeros_like(part)
+  for k in range(part.shape[0]):
+    padded = np.pad(part[k], pad)
+    dil = ndi.distance_transform_edt(~padded, sampling=sp) <= r
+    closed = ndi.distance_transform_edt(dil, sampling=sp) > r
+    ref[k] = ndi.binary_fill_holes(closed)[pad:-pad, pad:-pad] if padded.any() else False
+  np.testing.assert_array_equal(lm._close_and_fill(part, sp, r), ref)
+
+
+@pytest.mark.parametrize("r", [1, 3, 10])
+def test_close_z_matches_binary_closing_with_edge_padding(r):
+  rng = np.random.default_rng(r)
+  mask = rng.random((9, 6, 7)) < 0.3
+  padded = np.pad(mask, ((r, r), (0, 0), (0, 0)), mode="edge")
+  closed = ndi.binary_closing(padded, structure=np.ones((2 * r + 1, 1, 1), bool))[r:-r]
+  np.testing.assert_array_equal(lm._close_z(mask, r), closed & ~mask)
+
+
+def test_hull_inside_matches_every_pixel_test():
+  rng = np.random.default_rng(2)
+  shapes = [rng.integers(0, 30, (12, 2)), np.array([[0, 0], [0, 20], [9, 0], [9, 20]]),
+            rng.integers(0, 30, (40, 2))]
+  for points in shapes:
+    eq = spatial.ConvexHull(points.astype(np.float64)).equations
+    h, w = points[:, 0].max() + 3, points[:, 1].max() + 3
+    gy, gx = np.mgrid[-1:h - 1, -1:w - 1]
+    for limit in (0.5, -3.0):
+      ref = np.all(eq[:, 0, None, None] * gy + eq[:, 1, None, None] * gx
+                   + eq[:, 2, None, None] <= limit, axis=0)
+      np.testing.assert_array_equal(lm._hull_inside(eq, h, w, limit), ref)
+
+
+def test_inner_air_matches_labelling_the_whole_volume():
+  rng = np.random.default_rng(3)
+  for _ in range(4):
+    hu = np.where(_blobs(rng, (8, 30, 34), 0.02, 2), -800, 40).astype(np.int16)
+    hu[:, :, :3] = -1000  # outside air on one side, in reach of some blobs
+    air = hu < lm.LUNG_THRESHOLD_HU
+    labels, _ = ndi.label(air)
+    border = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(),
+                                       labels[:, :, [0, -1]].ravel()]))
+    ref = air & ~np.isin(labels, border)
+    got = np.zeros_like(ref)
+    found = lm._inner_air(hu, lm.LUNG_THRESHOLD_HU)
+    if found is not None:
+      got[found[1]] = found[0]
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_same_mask_for_int16_and_float32_hu():
+  scan = phantom.generate_scan(0, 2, 1)
+  a = lm.lung_mask(scan.hu, scan.geometry.spacing)
+  b = lm.lung_mask(scan.hu.astype(np.float32), scan.geometry.spacing)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_lung_extent():
+  lung = np.zeros((10, 4, 4), bool)
+  lung[3:6, 1, 1] = True
+  assert lm.lung_extent(lung, (1.0, 1.0, 2.0), 0.0) == (3, 6)
+  assert lm.lung_extent(lung, (1.0, 1.0, 2.0), 3.0) == (1, 8)     # 1.5 slices -> 2
+  assert lm.lung_extent(lung, (1.0, 1.0, 2.0), 4.0) == (1, 8)     # exactly 2 slices
+  assert lm.lung_extent(lung, (1.0, 1.0, 0.1), 0.3) == (0, 9)     # 3 slices, in floating point
+  assert lm.lung_extent(lung, (1.0, 1.0, 2.0), 100.0) == (0, 10)  # clipped to the volume
+  assert lm.lung_extent(lung.astype(np.uint8), (1.0, 1.0, 2.0), 2.0) == (2, 7)
+  assert lm.lung_extent(np.zeros((5, 2, 2), bool), (1.0, 1.0, 1.0), 10.0) == (0, 0)
+  with pytest.raises(lm.LungMaskError, match="margin_mm"):
+    lm.lung_extent(lung, (1.0, 1.0, 2.0), -1.0)
+  with pytest.raises(lm.LungMaskError, match="spacing"):
+    lm.lung_extent(lung, (1.0, 2.0), 1.0)
+  with pytest.raises(lm.LungMaskError, match="3-D"):
+    lm.lung_extent(lung[0], (1.0, 1.0, 1.0), 1.0)

@@ -119,3 +119,54 @@ def test_phantom_true_volumes_and_lung_within_5_percent():
     # Lesions sit in the lung, so their centres do too.
     for lesion in r["lesions"]:
       assert scan.lung[tuple(lesion["centre_index"])]
+
+
+def _random_labels(rng, shape, p=0.04):
+  """Random 0/1/2 labels: blobs of opacity, some of it consolidation."""
+  from scipy import ndimage
+  blobs = ndimage.binary_dilation(rng.random(shape) < p / 8, iterations=1) | (rng.random(shape) < p)
+  return np.where(blobs, np.where(rng.random(shape) < 0.3, 2, 1), 0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape,spacing", [((9, 20, 23), (2.0, 0.8, 0.5)), ((9, 20, 23), None),
+                                           ((31, 29), (0.7, 1.3)), ((31, 29), None)])
+def test_region_centres_in_box_equals_metrics(shape, spacing):
+  from scoat_jax.evaluation import metrics
+  rng = np.random.default_rng(sum(shape))
+  for _ in range(3):
+    mask = np.pad(_random_labels(rng, shape) > 0, 2)  # a box that starts off the origin
+    labels, centres = metrics.region_centres(mask, spacing=spacing)
+    comp, n, got, box = quantify.region_centres_in_box(mask, spacing)
+    assert n == len(centres) > 2
+    np.testing.assert_array_equal(got, centres)
+    np.testing.assert_array_equal(comp, labels[box])
+  comp, n, got, box = quantify.region_centres_in_box(np.zeros(shape, bool), spacing)
+  assert n == 0 and got.shape == (0, len(shape)) and box is None
+
+
+def test_lesions_equal_the_whole_volume_reference():
+  # Reference: metrics.region_centres and bincounts over the whole volume.
+  from scipy import ndimage
+  from scoat_jax.evaluation import metrics
+  rng = np.random.default_rng(7)
+  labels = np.zeros((12, 40, 44), np.uint8)
+  labels[2:10, 5:30, 8:40] = _random_labels(rng, (8, 25, 32))
+  spacing = (2.5, 0.7, 0.7)
+  found = quantify.lesions(labels, voxel_volume_ml=1e-3, spacing_zyx=spacing, num_classes=3)
+  comp, centres = metrics.region_centres(labels > 0, spacing=spacing)
+  n = len(centres)
+  counts = np.bincount(comp.ravel(), minlength=n + 1)
+  ggo = np.bincount(comp.ravel(), weights=(labels == 1).ravel(), minlength=n + 1)
+  boxes = ndimage.find_objects(comp)
+  order = sorted(range(1, n + 1), key=lambda k: (-counts[k], k))
+  assert len(found) == n > 5
+  for item, k in zip(found, order):
+    assert item["voxels"] == counts[k]
+    assert item["centre_index"] == list(centres[k - 1])
+    assert item["bbox_start"] == [s.start for s in boxes[k - 1]]
+    assert item["bbox_stop"] == [s.stop for s in boxes[k - 1]]
+    assert item["ggo_volume_ml"] == pytest.approx(ggo[k] * 1e-3)
+    total = item["ggo_volume_ml"] + item["consolidation_volume_ml"]
+    assert total == pytest.approx(item["volume_ml"])
+  with pytest.raises(quantify.QuantifyError, match="spacing_zyx"):
+    quantify.lesions(labels, spacing_zyx=(1.0, 1.0))
