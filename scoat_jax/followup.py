@@ -33,7 +33,8 @@ def main(argv):
   cli.run(argv, lambda: followup.run(
       FLAGS.output, checkpoints=FLAGS.checkpoint or (), input_path=FLAGS.input,
       dates_csv=FLAGS.dates, reports_dir=FLAGS.reports, tta=FLAGS.tta,
-      overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size),
+      overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size, key_images=FLAGS.key_images,
+      postprocess=not FLAGS.no_postprocessing, skip_outside_lung=FLAGS.skip_outside_lung),
       required=("output",), show=pathlib.Path(FLAGS.output or ".") / "followup.md",
       compilation_cache_dir=FLAGS.compilation_cache_dir)
 

@@ -27,11 +27,11 @@ ALLOWED = {
     "data": set(),
     "datasets": {"data"},
     "checkpoints": {"configs"},
-    "evaluation": {"models", "checkpoints", "configs"},
+    "evaluation": {"models", "data", "checkpoints", "configs"},
     "training": {"models", "data", "datasets", "checkpoints", "evaluation", "configs"},
-    "inference": {"models", "data", "checkpoints", "evaluation", "configs"},
+    "inference": {"models", "data", "datasets", "checkpoints", "evaluation", "configs"},
 }
-COMMANDS = {"main", "predict", "followup", "report", "sweep"}
+COMMANDS = {"main", "predict", "followup", "report", "sweep", "evaluate", "export"}
 
 
 def _module_name(path: pathlib.Path) -> str:

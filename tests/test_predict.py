@@ -279,8 +279,10 @@ def test_cli_error_is_one_line_and_success_writes_outputs(shifted_workdir, scans
   ok = subprocess.run(base + [f"--input={root / 'series'}", f"--output={tmp_path / 'o2'}",
                               "--save_attention", "--attention_slices=1,4"], **run)
   assert ok.returncode == 0, ok.stderr[-2000:]
-  assert _files(tmp_path / "o2") == ["series_attention_z0001.png", "series_attention_z0004.png",
-                                     "series_mask.nii.gz", "series_report.json"]
+  assert _files(tmp_path / "o2") == ["predictions.csv", "series_attention_z0001.png",
+                                     "series_attention_z0004.png", "series_mask.nii.gz",
+                                     "series_report.json", "series_report.pdf",
+                                     "series_report.png"]
 
 
 # ----------------------------------------------------------------------------- demo checkpoint

@@ -348,28 +348,29 @@ def check_hu(hu: np.ndarray, path) -> None:
 def read_ct(path, *, series_id: str | None = None, check_values: bool = True) -> CTVolume:
   """Reads a CT volume in HU with its geometry.
 
-  Args:
-    path: a .nii/.nii.gz/.mha/.mhd/.nrrd file, or a directory with a DICOM series.
-    series_id: which series to read when a DICOM directory holds several.
-    check_values: check that the values look like HU (see `check_hu`).
-
-  Returns:
-    CTVolume with hu (z, y, x) int16 (or float32 for non-integer data) in the
-    canonical orientation (`orientation`), and how the file's grid maps to it.
-
-  Raises:
-    CTError: missing path, unreadable file, not a 3-D grey volume, spacing
-      outside SPACING_RANGE_MM, a grid too oblique to read as axial, values not HU.
+  `path` is a .nii/.nii.gz/.mha/.mhd/.nrrd file or a DICOM series folder
+  (`series_id` picks one of several); `check_values` checks HU (`check_hu`).
+  Returns a CTVolume with hu (z, y, x) int16 (float32 for non-integer data) in
+  the canonical orientation (`orientation`), and how the file's grid maps to it.
+  Raises CTError: missing path, unreadable file, not a 3-D grey volume, spacing
+  outside SPACING_RANGE_MM, a grid too oblique to read as axial, values not HU.
   """
   path, image, meta = _read_image(path, series_id)
-  _check_3d(path, image, "CT scan")
+  return from_image(image, path, metadata=meta, check_values=check_values)
+
+
+def from_image(image: sitk.Image, source, *, metadata: dict | None = None,
+               check_values: bool = True) -> CTVolume:
+  """A SimpleITK image as a checked CTVolume (as `read_ct`; `source` names it in errors)."""
+  _check_3d(source, image, "CT scan")
   stored = Geometry.from_image(image)
-  check_spacing(stored, path)
-  turn = orientation.reorientation(stored, what=str(path))
+  check_spacing(stored, source)
+  turn = orientation.reorientation(stored, what=str(source))
   hu = turn.to_canonical(_to_hu_array(image))
   if check_values:
-    check_hu(hu, path)
-  return CTVolume(hu=hu, geometry=turn.canonical, metadata=meta, reorientation=turn)
+    check_hu(hu, source)
+  return CTVolume(hu=hu, geometry=turn.canonical, metadata=dict(metadata or {}),
+                  reorientation=turn)
 
 
 def read_mask(path,

@@ -19,7 +19,7 @@ from scoat_jax.data import ct_io
 
 # The files `predict` writes per input (followup and report name theirs apart).
 OUTPUT_NAME = re.compile(r"_(mask\.nii\.gz|mask\.png|probability\.nii\.gz|probability\.png"
-                         r"|report\.json|attention(_z\d+)?\.png)$")
+                         r"|report\.json|report\.png|report\.pdf|seg\.dcm|attention(_z\d+)?\.png)$")
 _PALETTE = [0, 0, 0, 255, 0, 0, 0, 200, 0]  # 0 black, 1 red (GGO/opacity), 2 green
 
 

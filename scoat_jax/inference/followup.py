@@ -247,7 +247,8 @@ def _reports_from(folder: pathlib.Path) -> list[dict]:
 
 def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None = None,
         dates_csv: str | None = None, reports_dir: str | None = None, tta: bool = False,
-        overwrite: bool = False, batch_size: int = 0, progress: bool = True) -> list[dict]:
+        overwrite: bool = False, batch_size: int = 0, progress: bool = True,
+        **segment_options) -> list[dict]:
   """Builds the follow-up table and plot; the programmatic form of the CLI.
 
   Args:
@@ -258,6 +259,8 @@ def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None 
     dates_csv: CSV of path,date.
     reports_dir: read existing predict reports instead of predicting.
     tta, overwrite, batch_size, progress: as in `segment.run`.
+    **segment_options: further `segment.run` options (key_images, postprocess,
+      skip_outside_lung).
 
   Returns:
     The table rows.
@@ -308,7 +311,8 @@ def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None 
       raise FollowupError("follow-up needs CT volumes; 2-D slice images have no volume.")
     named = _dates_for(items, dates)
     reports = segment.run(checkpoints, input_path or "", str(output), tta=tta, overwrite=overwrite,
-                          batch_size=batch_size, progress=progress, items=items)
+                          batch_size=batch_size, progress=progress, items=items,
+                          **segment_options)
   rows = table(reports, named)
   pid = next((r["dicom"]["patient_id"] for r in reports if r.get("dicom", {}).get("patient_id")), "")
   title = f"Follow-up of {pid}" if pid else "Follow-up"

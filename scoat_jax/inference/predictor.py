@@ -29,23 +29,18 @@ softmax. The returned probability map is P(any opacity): the sigmoid, or
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
-from scoat_jax import checkpoints, models
-from scoat_jax.checkpoints import CheckpointError
 from scoat_jax.common import parallel
 from scoat_jax.data import preprocess
-from scoat_jax.data.intensity import HU_WINDOW, normalize
+from scoat_jax.data.intensity import normalize
+from scoat_jax.inference.loading import InferenceError, LoadedModel
 from scoat_jax.models import outputs
 
 # Slices per device and forward pass when no batch size is given. On a CPU one
@@ -54,154 +49,6 @@ from scoat_jax.models import outputs
 # accelerators want bigger batches.
 SLICES_PER_DEVICE = {"cpu": 1}
 SLICES_PER_ACCELERATOR = 8
-
-
-class InferenceError(ValueError):
-  """A bad inference request (slice shape, ensemble, arguments)."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LoadedModel:
-  """A trained model ready for inference.
-
-  Attributes:
-    step_dir: the saved step it came from.
-    config: the training config stored with the checkpoint.
-    model: the linen module that config describes.
-    variables: {'params', 'batch_stats'} as NumPy arrays.
-    meta: the checkpoint's meta JSON (config, step, epoch, ...).
-  """
-  step_dir: pathlib.Path
-  config: ml_collections.ConfigDict
-  model: nn.Module
-  variables: dict
-  meta: dict
-
-  @property
-  def step(self) -> int | None:
-    return self.meta.get("step", _step_from_dir(self.step_dir))
-
-  @property
-  def image_size(self) -> int:
-    return int(self.config.data.image_size)
-
-  @property
-  def num_classes(self) -> int:
-    return int(self.config.num_classes)
-
-  @property
-  def hu_window(self) -> tuple[float, float]:
-    return tuple(float(v) for v in self.config.data.get("hu_window", HU_WINDOW))
-
-  @property
-  def average_heads(self) -> bool:
-    return bool(self.config.get("predict_average_heads", False))
-
-  @property
-  def intensity(self) -> str:
-    """How its training slices were stored: 'hu' (CT) or 'uint8' (8-bit exports)."""
-    return str(self.meta.get("intensity", "hu"))
-
-  def describe(self) -> dict:
-    """JSON-ready summary for reports: where the weights came from and what they are."""
-    return {"checkpoint": str(self.step_dir), "step": self.step,
-            "model": self.config.model_name, "model_config": self.config.model.to_dict(),
-            "loss": self.config.get("loss"), "num_classes": self.num_classes,
-            "image_size": self.image_size,
-            "fold": self.config.data.get("fold"), "dataset": self.config.data.get("name")}
-
-
-def _step_from_dir(step_dir: pathlib.Path) -> int | None:
-  return int(step_dir.name) if step_dir.name.isdigit() else None
-
-
-def _shapes(tree) -> dict[str, tuple]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(np.shape(leaf))
-          for path, leaf in flat}
-
-
-def _check_weights(step_dir, config, model, variables, size: int) -> None:
-  """Raises CheckpointError unless the weights fit the model the config describes."""
-  multiple = type(model).input_multiple
-  if size < multiple or size % multiple:
-    raise CheckpointError(f"{step_dir}: config.data.image_size={size} is not a multiple of "
-                          f"{multiple}; the checkpoint's config is damaged.")
-  # Training and inference feed one slice, one channel.
-  want = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)),
-                                           train=False))
-  for part in ("params", "batch_stats"):
-    have_shapes, want_shapes = _shapes(variables.get(part, {})), _shapes(want[part])
-    for key in sorted(set(have_shapes) | set(want_shapes)):
-      have, need = have_shapes.get(key), want_shapes.get(key)
-      if have != need:
-        what = ("is missing from the checkpoint" if have is None else
-                "is not part of that model" if need is None else
-                f"has shape {have} in the checkpoint but {need} in the model")
-        raise CheckpointError(
-            f"{step_dir}: {part} {key} {what} (config: {config.model_name} "
-            f"{config.model.to_dict()}, 1 input channel); the weights belong to another model "
-            "or shape: pass a checkpoint trained for it.")
-
-
-def load_model(path: str | pathlib.Path) -> LoadedModel:
-  """Loads and validates one trained model.
-
-  Args:
-    path: a training workdir (its best checkpoint), its `checkpoints` folder,
-      or one saved step folder.
-
-  Returns:
-    LoadedModel with NumPy variables.
-
-  Raises:
-    CheckpointError: no checkpoint there, unreadable weights, no stored config,
-      or weights that do not fit the stored config's model (another model,
-      widths, classes or input channels).
-  """
-  with checkpoints.quiet_orbax():
-    step_dir = checkpoints.resolve_step_dir(path)
-  meta = checkpoints.read_meta(step_dir)
-  config = ml_collections.ConfigDict(meta["config"])
-  try:
-    model = models.create_model(config)
-    size = int(config.data.image_size)
-    window = [float(v) for v in config.data.get("hu_window", HU_WINDOW)]
-    if len(window) != 2:
-      raise ValueError(f"config.data.hu_window={window} is not (lo, hi)")
-  except (ValueError, AttributeError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{step_dir}: its config does not describe a model this version can "
-                          f"build ({str(e).splitlines()[0]}); pass a scoat_jax checkpoint.") from None
-  variables = checkpoints.read_weights(step_dir)
-  _check_weights(step_dir, config, model, variables, size)
-  return LoadedModel(step_dir, config, model, variables, meta)
-
-
-def load_ensemble(paths: Sequence[str | pathlib.Path]) -> list[LoadedModel]:
-  """Loads several checkpoints whose probabilities will be averaged.
-
-  Raises:
-    CheckpointError: any bad checkpoint, the same step twice, or members that
-      differ in input size, number of classes or HU window.
-  """
-  if not paths:
-    raise InferenceError("no checkpoint given; pass --checkpoint=<workdir, checkpoints folder "
-                         "or step folder> (repeat it for an ensemble).")
-  models = [load_model(p) for p in paths]
-  first = models[0]
-  seen = {}
-  for p, m in zip(paths, models):
-    if m.step_dir in seen:
-      raise CheckpointError(f"{p} and {seen[m.step_dir]} are the same checkpoint "
-                            f"{m.step_dir}; give each ensemble member once.")
-    seen[m.step_dir] = p
-    for what, a, b in (("input size (config.data.image_size)", m.image_size, first.image_size),
-                       ("number of classes", m.num_classes, first.num_classes),
-                       ("HU window (config.data.hu_window)", m.hu_window, first.hu_window)):
-      if a != b:
-        raise CheckpointError(f"{m.step_dir}: its {what} is {a}, but {first.step_dir} has {b}; "
-                              "an ensemble averages models of one config (e.g. its folds).")
-  return models
 
 
 # ----------------------------------------------------------------------------- forward pass
@@ -376,15 +223,18 @@ class Predictor:
              preprocess.unwarp(probs[k], shape, order=1))
 
   def predict_volume(self, hu: np.ndarray, *, source: str = "hu", with_probability: bool = False,
-                     progress: Callable[[int], None] | None = None
+                     progress: Callable[[int], None] | None = None,
+                     z_range: tuple[int, int] | None = None
                      ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Predicts every axial slice of a (z, y, x) volume.
+    """Predicts the axial slices of a (z, y, x) volume.
 
     Args:
       hu: (z, y, x) volume (HU for source='hu').
       source: intensity source of the voxels.
       with_probability: also return P(opacity) as float32 (z, y, x).
       progress: called with the number of slices finished after each slice.
+      z_range: (z0, z1): only slices z0 <= z < z1 go through the network
+        (the others are labelled 0 with probability 0); None: all of them.
 
     Returns:
       (labels (z, y, x) uint8, probability (z, y, x) float32 or None).
@@ -392,13 +242,16 @@ class Predictor:
     hu = np.asarray(hu)
     if hu.ndim != 3:
       raise InferenceError(f"a volume must be 3-D (z, y, x), got shape {hu.shape}")
+    z0, z1 = (0, hu.shape[0]) if z_range is None else (int(z_range[0]), int(z_range[1]))
+    if not 0 <= z0 <= z1 <= hu.shape[0]:
+      raise InferenceError(f"z_range={z_range} is outside the volume's 0..{hu.shape[0]} slices")
     labels = np.zeros(hu.shape, np.uint8)
     prob = np.zeros(hu.shape, np.float32) if with_probability else None
-    stream = self.predict_slices((hu[z] for z in range(hu.shape[0])), source=source)
-    for z, (lab, p) in enumerate(stream):
-      labels[z] = lab
+    stream = self.predict_slices((hu[z] for z in range(z0, z1)), source=source)
+    for k, (lab, p) in enumerate(stream):
+      labels[z0 + k] = lab
       if prob is not None:
-        prob[z] = p
+        prob[z0 + k] = p
       if progress is not None:
-        progress(z + 1)
+        progress(k + 1)
     return labels, prob

@@ -17,8 +17,13 @@ read from there). Per scan `<name>`, into `--output`:
   <name>_attention_z<k>.png  the network's attention maps over slice k (SCOAT-Net:
                              the SAMs of x_1_1, x_2_2, x_1_3)
                              (--save_attention; 2-D: <name>_attention.png)
+  <name>_seg.dcm             DICOM SEG for DICOM input (--output_format=dicom_seg
+                             or both), referencing the source series
+  <name>_report.png / .pdf   key images: the three axial slices with the most
+                             opacity outlined, a coronal view, the numbers
   <name>_report.json         lov_ml, lung_volume_ml, poi_percent, lesions,
                              class volumes (3-class models), the checkpoints
+  predictions.csv            one row per scan (the cohort table, `cohort_table`)
 
 Everything is checked before anything is written: the checkpoints load and
 fit their model, every input is read in full, and the output folder holds
@@ -28,6 +33,7 @@ prints one line `error: ...` on stderr and exits with status 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -36,9 +42,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from scoat_jax.data import ct_io, readers, writers
+from scoat_jax.data import readers, writers
 from scoat_jax.data.readers import Item
-from scoat_jax.inference import quantify
+from scoat_jax.inference import cohort_table, postprocessing, scan
+
+OUTPUT_FORMATS = ("nifti", "dicom_seg", "both")
 
 # Inputs validated up front are kept in memory for the run up to this size;
 # beyond it they are read again when their turn comes.
@@ -69,12 +77,21 @@ def parse_slices(values: Sequence[str] | str | None) -> list[int]:
 
 # ----------------------------------------------------------------------------- outputs
 
-def outputs_for(item: Item, output: pathlib.Path, *, save_probabilities: bool) -> dict:
+def outputs_for(item: Item, output: pathlib.Path, *, save_probabilities: bool,
+                output_format: str = "nifti", key_images: bool = False) -> dict:
   """Where an input's files go (attention overlays are named per slice when written)."""
   ext = ".png" if item.kind == "image" else ".nii.gz"
-  out = {"mask": output / f"{item.name}_mask{ext}", "report": output / f"{item.name}_report.json"}
+  out = {}
+  if item.kind == "image" or output_format != "dicom_seg":
+    out["mask"] = output / f"{item.name}_mask{ext}"
+  if item.kind == "volume" and output_format != "nifti" and item.path.is_dir():
+    out["dicom_seg"] = output / f"{item.name}_seg.dcm"
   if save_probabilities:
     out["probability"] = output / f"{item.name}_probability{ext}"
+  if key_images:
+    out["key_images_png"] = output / f"{item.name}_report.png"
+    out["key_images_pdf"] = output / f"{item.name}_report.pdf"
+  out["report"] = output / f"{item.name}_report.json"
   return out
 
 
@@ -87,7 +104,8 @@ def earlier_results(output: pathlib.Path) -> list[pathlib.Path]:
   """Files in `output` that a predict run wrote before."""
   if not output.is_dir():
     return []
-  return sorted(p for p in output.iterdir() if p.is_file() and writers.is_output(p.name))
+  return sorted(p for p in output.iterdir() if p.is_file() and (
+      writers.is_output(p.name) or p.name == cohort_table.FILE_NAME))
 
 
 def check_output(output: pathlib.Path, *, overwrite: bool) -> None:
@@ -116,21 +134,85 @@ def _progress_bar(total: int, name: str, enabled: bool):
               disable=None if enabled and total else True)
 
 
-def _geometry_json(g: ct_io.Geometry) -> dict:
-  return {"size_xyz": list(g.size), "spacing_mm_xyz": list(g.spacing),
-          "origin_mm_xyz": list(g.origin), "direction": list(g.direction)}
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What a predict run writes and how (the flags of `predict` past input and output)."""
+  tta: bool = False
+  save_probabilities: bool = False
+  save_attention: bool = False
+  attention_slices: tuple[int, ...] = ()
+  output_format: str = "nifti"
+  key_images: bool = True
+  postprocessing: bool = True
+  skip_outside_lung: bool = True
+  lung_mask: str | None = None
+  series_id: str | None = None
+
+
+def lung_mask_path(lung_mask: str | None, item: Item, single: bool) -> pathlib.Path | None:
+  """The external lung mask of one input: the file itself, or `<name>[_lung].*` in a folder."""
+  if not lung_mask:
+    return None
+  path = pathlib.Path(lung_mask).expanduser()
+  if path.is_file():
+    if not single:
+      raise PredictError(f"--lung_mask={path}: one file for several scans; give a folder with "
+                         "<name>.nii.gz or <name>_lung.nii.gz per scan.")
+    return path
+  if not path.is_dir():
+    raise PredictError(f"--lung_mask={path}: no such file or folder; give the lung mask file "
+                       "(one scan) or a folder of <name>[_lung].nii.gz files.")
+  for stem in (f"{item.name}_lung", item.name):
+    for suffix in readers.VOLUME_SUFFIXES:
+      if (path / f"{stem}{suffix}").is_file():
+        return path / f"{stem}{suffix}"
+  raise PredictError(f"--lung_mask={path}: no lung mask for {item.name} (looked for "
+                     f"{item.name}_lung.nii.gz or {item.name}.nii.gz, .mha, .nrrd); add it.")
+
+
+def _check_options(options: Options, items: Sequence[Item]) -> None:
+  if options.output_format not in OUTPUT_FORMATS:
+    raise PredictError(f"--output_format={options.output_format}: choose one of "
+                       f"{', '.join(OUTPUT_FORMATS)}.")
+  if options.output_format == "dicom_seg":
+    other = [i for i in items if i.kind != "volume" or not i.path.is_dir()]
+    if other:
+      raise PredictError(f"--output_format=dicom_seg: {other[0].path} is not a DICOM series; "
+                         "DICOM SEG references DICOM slices: use --output_format=both (SEG "
+                         "where the input is DICOM, NIfTI for all) or nifti.")
+  if options.attention_slices and not options.save_attention:
+    raise PredictError("--attention_slices needs --save_attention.")
+  if options.attention_slices and any(i.kind == "image" for i in items):
+    raise PredictError("--attention_slices applies to volumes; for 2-D images every image gets "
+                       "its overlay with --save_attention.")
+  if options.lung_mask and any(i.kind == "image" for i in items):
+    raise PredictError(f"--lung_mask={options.lung_mask}: 2-D slices get no lung volume; drop "
+                       "the flag for them.")
+
+
+def _check_rule(rule: dict | None, items: Sequence[Item]) -> None:
+  if not postprocessing.is_active(rule) or not rule.get("min_size"):
+    return
+  kind = "image" if rule["unit"] == "pixels" else "volume"
+  other = [i for i in items if i.kind != kind]
+  if other:
+    raise PredictError(f"{other[0].path}: the bundle's post-processing counts {rule['unit']} "
+                       f"(chosen on {'2-D slices' if kind == 'image' else 'CT volumes'}); pass "
+                       "--no_postprocessing for this input.")
 
 
 def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool = False,
         save_probabilities: bool = False, save_attention: bool = False,
         attention_slices: Sequence[int] = (), overwrite: bool = False, batch_size: int = 0,
         progress: bool = True, items: Sequence[Item] | None = None,
-        series_id: str | None = None) -> list[dict]:
+        series_id: str | None = None, output_format: str = "nifti", key_images: bool = True,
+        postprocess: bool = True, skip_outside_lung: bool = True, lung_mask: str | None = None,
+        config=None) -> list[dict]:
   """Predicts and quantifies every input; the programmatic form of the CLI.
 
   Args:
-    checkpoints: one or more workdirs / checkpoints folders / step folders;
-      several average their probabilities.
+    checkpoints: workdirs, checkpoints folders, step folders, bundles or
+      PyTorch weights (with `config`); several average their probabilities.
     input_path: what `--input` names (see `discover_inputs`).
     output: results folder (created after validation).
     tta: flip test-time augmentation.
@@ -143,6 +225,12 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
     progress: draw a progress bar per scan (on a terminal).
     items: inputs already discovered (used by follow-up); default from input_path.
     series_id: the DICOM series to read from folders that hold several.
+    output_format: 'nifti', 'dicom_seg' (DICOM input only) or 'both'.
+    key_images: write `<name>_report.png` and `.pdf`.
+    postprocess: apply the bundle's post-processing rule.
+    skip_outside_lung: no network pass on slices beyond the lungs' extent.
+    lung_mask: an external lung mask file (one scan) or folder (`<name>[_lung].*`).
+    config: the config PyTorch weights are read with.
 
   Returns:
     The reports written, in input order (each also has 'outputs').
@@ -156,14 +244,13 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
 
   output = pathlib.Path(output).expanduser()
   items = list(readers.discover_inputs(input_path) if items is None else items)
-  attention_slices = list(attention_slices)
-  if attention_slices and not save_attention:
-    raise PredictError("--attention_slices needs --save_attention.")
-  if attention_slices and any(i.kind == "image" for i in items):
-    raise PredictError("--attention_slices applies to volumes; for 2-D images every image gets "
-                       "its overlay with --save_attention.")
+  options = Options(tta, save_probabilities, save_attention, tuple(attention_slices),
+                    output_format, key_images, postprocess, skip_outside_lung, lung_mask,
+                    series_id)
+  _check_options(options, items)
   check_output(output, overwrite=overwrite)
   inference.check_batch_size(batch_size)  # a bad flag is refused before the scans are read
+  lungs = {i: lung_mask_path(lung_mask, i, len(items) == 1) for i in items}
   kept, budget = {}, _KEEP_BYTES
   for item in items:  # Read everything once before writing anything.
     data = readers.read_item(item, series_id)
@@ -171,9 +258,15 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
     if item.kind == "volume" and attention_slices and max(attention_slices) >= depth:
       raise PredictError(f"--attention_slices={max(attention_slices)} is beyond {item.path} "
                          f"({depth} slices, z = 0..{depth - 1}).")
+    lung = scan.read_lung_mask(lungs[item], data) if lungs[item] else None
+    if output_format != "nifti" and item.kind == "volume" and item.path.is_dir():
+      from scoat_jax.data import dicom_seg
+      dicom_seg.series_files(item.path, series_id)  # the SEG's sources, checked up front
     if data[0].nbytes <= budget:
-      kept[item], budget = data, budget - data[0].nbytes
-  models = inference.load_ensemble(list(checkpoints))
+      kept[item], budget = (data, lung), budget - data[0].nbytes
+  models = inference.load_ensemble(list(checkpoints), config=config)
+  rule = models[0].postprocessing if postprocess else None
+  _check_rule(rule, items)
   if save_attention and not type(models[0].model).attention_maps:
     from scoat_jax.models import available_models, model_class
     with_maps = [n for n in available_models() if model_class(n).attention_maps]
@@ -188,23 +281,22 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
   except OSError as e:
     raise PredictError(f"--output={output}: cannot create it ({e.strerror or e}); choose a "
                        "folder you can write to.") from None
-  options = dict(save_probabilities=save_probabilities, save_attention=save_attention,
-                 attention_slices=attention_slices)
+  label = scan.model_label(models)
   reports = []
-  for item, data, labels, prob, seconds in _predictions(predictor, items, kept,
-                                                        save_probabilities, progress, series_id):
-    report = _finish(predictor, item, data, labels, prob, output, seconds=seconds, **options)
+  for item, data, result, seconds in _predictions(predictor, items, kept, lungs, options, rule,
+                                                  progress):
+    report = _finish(predictor, item, data, result, output, options, label, seconds=seconds)
     logging.info("%s: LOV %s ml, lung %s ml, POI %s%%, %d lesion(s) in %.1f s", item.name,
                  _fmt(report.get("lov_ml")), _fmt(report.get("lung_volume_ml")),
                  _fmt(report.get("poi_percent")), report["num_lesions"],
                  sum(report["seconds"].values()))
     reports.append(report)
+  cohort_table.write(reports, output / cohort_table.FILE_NAME)
   return reports
 
 
-def _predictions(predictor, items, kept, with_probability: bool, progress: bool,
-                 series_id: str | None = None):
-  """Yields (item, (array, geometry, meta), labels, P(opacity), seconds) in input order.
+def _predictions(predictor, items, kept, lungs, options: Options, rule, progress: bool):
+  """Yields (item, (array, geometry, meta, turn), ScanResult, seconds) in input order.
 
   Volumes go one at a time, each with its own progress bar. 2-D images share
   batches: they stream through one `predict_slices` call, and each image is
@@ -213,10 +305,16 @@ def _predictions(predictor, items, kept, with_probability: bool, progress: bool,
   from absl import logging
   ahead: dict[Item, tuple] = {}
 
+  def read(item):
+    if item in kept:
+      return kept.pop(item)
+    data = readers.read_item(item, options.series_id)
+    return data, (scan.read_lung_mask(lungs[item], data) if lungs.get(item) else None)
+
   def images():
     for item in items:
       if item.kind == "image":
-        ahead[item] = kept.pop(item) if item in kept else readers.read_item(item, series_id)
+        ahead[item] = read(item)[0]
         yield ahead[item][0]
 
   image_predictions = predictor.predict_slices(images(), source="uint8")
@@ -227,8 +325,9 @@ def _predictions(predictor, items, kept, with_probability: bool, progress: bool,
         labels, prob = next(image_predictions)
         data = ahead.pop(item)
         image_bar.update(1)
+        result = scan.finish_slice(predictor, labels, prob, rule=rule)
       else:
-        data = kept.pop(item) if item in kept else readers.read_item(item, series_id)
+        data, lung = read(item)
         depth = data[0].shape[0]
         with _progress_bar(depth, item.name, progress) as bar:
           def advance(n, bar=bar, depth=depth, name=item.name, t0=t0):
@@ -236,81 +335,81 @@ def _predictions(predictor, items, kept, with_probability: bool, progress: bool,
             # Without a terminal the bar is off: a log line every tenth of the scan instead.
             if bar.disable and progress and n * 10 // depth != (n - 1) * 10 // depth:
               logging.info("%s: %d/%d slices, %.1f s", name, n, depth, time.time() - t0)
-          labels, prob = predictor.predict_volume(data[0], with_probability=with_probability,
-                                                  progress=advance)
-      yield item, data, labels, prob, {"predict": round(time.time() - t0, 3)}
+          result = scan.run_volume(predictor, data, lung=lung, rule=rule,
+                                   skip_outside_lung=options.skip_outside_lung,
+                                   with_probability=options.save_probabilities, progress=advance)
+      # Volumes time their own steps (lung mask, network, quantify) in result.stats.
+      yield item, data, result, ({"network": round(time.time() - t0, 3)}
+                                 if item.kind == "image" else {})
 
 
-def _finish(predictor, item: Item, data: tuple, labels: np.ndarray, prob: np.ndarray | None,
-            output: pathlib.Path, *, save_probabilities: bool, save_attention: bool,
-            attention_slices: Sequence[int], seconds: dict) -> dict:
-  """Quantifies one prediction and writes its files; the report goes last (it marks completion)."""
+def _finish(predictor, item: Item, data: tuple, result, output: pathlib.Path, options: Options,
+            model: str, *, seconds: dict) -> dict:
+  """Writes one scan's files; the report goes last (it marks completion)."""
   from absl import logging
-  from scoat_jax.inference import attention
-  array, geometry, meta, turn = data
-  num_classes = predictor.num_classes
+  array, geometry, _, turn = data
+  labels, prob = result.labels, result.probability
+  for warning in result.stats.get("warnings", []):
+    logging.warning("%s: %s", item.name, warning)
   t0 = time.time()
-  if item.kind == "image":
-    stats = quantify.quantify_slice(labels, num_classes=num_classes)
-  else:
-    stats = quantify.quantify_volume(labels, geometry, hu=array, num_classes=num_classes)
-    _lesion_indices_to_stored(stats["lesions"], turn)
-    for warning in stats["warnings"]:
-      logging.warning("%s: %s", item.name, warning)
-  seconds = {**seconds, "quantify": round(time.time() - t0, 3)}
-  t0 = time.time()
-
-  paths = outputs_for(item, output, save_probabilities=save_probabilities)
+  paths = outputs_for(item, output, save_probabilities=options.save_probabilities,
+                      output_format=options.output_format, key_images=options.key_images)
   if item.kind == "image":
     writers.write_png(labels, paths["mask"], palette=True)
-    if save_probabilities:
+    if options.save_probabilities:
       writers.write_png(np.rint(np.clip(prob, 0, 1) * 255), paths["probability"])
   else:
     # Back onto the input's own grid, voxel for voxel (`data.orientation`).
-    writers.write_volume(turn.to_stored(labels), turn.stored, paths["mask"])
-    if save_probabilities:
+    stored = turn.to_stored(labels)
+    if "mask" in paths:
+      writers.write_volume(stored, turn.stored, paths["mask"])
+    if "dicom_seg" in paths:
+      _write_dicom_seg(stored, item, paths["dicom_seg"], predictor.num_classes, options, model)
+    if options.save_probabilities:
       writers.write_volume(turn.to_stored(prob), turn.stored, paths["probability"])
   written = {k: p.name for k, p in paths.items()}
-  if save_attention:
-    source = "uint8" if item.kind == "image" else "hu"
-    zs = ([None] if item.kind == "image" else list(attention_slices)
-          or [int(np.argmax(np.count_nonzero(labels, axis=(1, 2))))])
-    written["attention"] = []
-    for z in zs:
-      image = array if z is None else array[z]
-      path = attention_path(item, output, z)
-      attention.save_overlay(path, predictor.display_image(image, source),
-                             attention.slice_attention(predictor, image, source=source),
-                             labels if z is None else labels[z],
-                             title=item.name if z is None else f"{item.name}  z={z}")
-      written["attention"].append(path.name)
+  zs = []
+  if options.save_attention:
+    zs = _write_attention(predictor, item, array, labels, output, options)
+    written["attention"] = [attention_path(item, output, z).name for z in zs]
 
-  report = {"name": item.name, "input": str(item.path),
-            "kind": "slice" if item.kind == "image" else "volume", **stats}
-  if geometry is not None:
-    report["geometry"] = _geometry_json(turn.stored)
-    report["orientation"] = turn.describe()
-    if save_attention:
-      report["attention_slices"] = [turn.axial_slice(z) for z in zs]
-  else:
-    report["size_hw"] = list(array.shape)
-  if meta:
-    report["dicom"] = dict(meta)
-  report.update(num_classes=num_classes, tta=predictor.tta,
-                checkpoints=[m.describe() for m in predictor.models], outputs=written,
-                seconds={**seconds, "write": round(time.time() - t0, 3)})
+  report = scan.report(predictor, item.name, str(item.path), readers.Loaded(*data), result,
+                       model)
+  if options.save_attention:
+    report["attention_slices"] = [turn.axial_slice(z) for z in zs]
+  report["outputs"] = written
+  if options.key_images:
+    from scoat_jax.inference import key_images
+    key_images.write_key_images(
+        paths["key_images_png"], paths["key_images_pdf"], array, labels,
+        spacing_xyz=None if geometry is None else geometry.spacing, report=report, model=model,
+        date=time.strftime("%Y-%m-%d"), title=item.name)
+  report["seconds"] = {**report.pop("seconds", {}), **seconds, "write": round(time.time() - t0, 3)}
   writers.write_json(report, paths["report"])
   return report
 
 
-def _lesion_indices_to_stored(found: list[dict], turn) -> None:
-  """Lesion centres and boxes are found on the canonical grid; reports index the stored one."""
-  if turn is None or turn.is_identity:
-    return
-  for lesion in found:
-    lesion["centre_index"] = list(turn.canonical_index_to_stored(lesion["centre_index"]))
-    lesion["bbox_start"], lesion["bbox_stop"] = turn.box_to_stored(lesion["bbox_start"],
-                                                                   lesion["bbox_stop"])
+def _write_dicom_seg(stored: np.ndarray, item: Item, path: pathlib.Path, num_classes: int,
+                     options: Options, model: str) -> None:
+  from scoat_jax.data import dicom_seg
+  files = dicom_seg.series_files(item.path, options.series_id)
+  # ContentDescription is a DICOM LO (64 characters): the network, not the paths.
+  dicom_seg.write_dicom_seg(stored, files, path, num_classes=num_classes,
+                            model_description=model.split(",")[0][:64])
+
+
+def _write_attention(predictor, item: Item, array, labels, output, options: Options) -> list:
+  from scoat_jax.inference import attention
+  source = "uint8" if item.kind == "image" else "hu"
+  zs = ([None] if item.kind == "image" else list(options.attention_slices)
+        or [int(np.argmax(np.count_nonzero(labels, axis=(1, 2))))])
+  for z in zs:
+    image = array if z is None else array[z]
+    attention.save_overlay(attention_path(item, output, z), predictor.display_image(image, source),
+                           attention.slice_attention(predictor, image, source=source),
+                           labels if z is None else labels[z],
+                           title=item.name if z is None else f"{item.name}  z={z}")
+  return zs
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,186 @@
+"""Model bundles: what inference needs of trained models, and nothing else.
+
+    model/
+      bundle.json          format and version, scoat_jax version, date, model, classes,
+                           preprocessing, post-processing, and per member its
+                           provenance (dataset, fold, step, validation metrics, source)
+      fold0/config.json    the member's training config (the schema of `configs`)
+      fold0/variables.npz  its parameters and batch statistics, keys `params/...` and
+                           `batch_stats/...` (float32, exactly the checkpoint's values)
+      fold1/ ...
+
+No optimizer state, no training log: a bundle of SCOAT-Net is a tenth of its
+training workdir. Arrays are stored losslessly, so a bundle predicts bit for
+bit what the checkpoints it came from predict. `python -m scoat_jax.export`
+writes one (`write`); every inference entry point reads one (`read`) through
+`inference.loading`. A bundle of a newer `FORMAT_VERSION` than this version
+reads is refused with the version to upgrade to; older ones are read as
+they are (the config inside is upgraded by `configs.upgrade`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from scoat_jax import configs
+from scoat_jax.checkpoints import CheckpointError
+from scoat_jax.common import fileio
+
+FORMAT = "scoat_jax model bundle"
+FORMAT_VERSION = 1
+INDEX = "bundle.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One model of a bundle, as read."""
+  path: pathlib.Path
+  config: dict
+  variables: dict
+  meta: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+  """A bundle as read: its members, its post-processing rule and its index."""
+  path: pathlib.Path
+  members: list[Member]
+  postprocessing: dict | None
+  index: dict
+
+
+def is_bundle(path: str | pathlib.Path) -> bool:
+  return (pathlib.Path(path) / INDEX).is_file()
+
+
+def version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("scoat_jax")
+  except metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key + "/"))
+    else:
+      out[key] = np.asarray(v)
+  return out
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+  out: dict = {}
+  for key, v in flat.items():
+    node = out
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def member_name(fold, taken: set[str]) -> str:
+  """'fold0', 'fold1', ..., 'all' for a model trained on every case; unique within a bundle."""
+  base = "all" if fold is not None and int(fold) < 0 else (
+      f"fold{int(fold)}" if fold is not None else "model")
+  name, k = base, 1
+  while name in taken:
+    k += 1
+    name = f"{base}_{k}"
+  return name
+
+
+def write(output: str | pathlib.Path, members: Sequence[dict], *, preprocessing: dict,
+          postprocessing: dict | None, model_name: str, num_classes: int) -> pathlib.Path:
+  """Writes a bundle folder (created whole, by renaming a finished temporary folder).
+
+  Args:
+    output: the bundle folder; must not exist.
+    members: per model {'config': dict, 'variables': {'params', 'batch_stats'},
+      'provenance': JSON-ready dict (dataset, fold, step, validation, source)}.
+    preprocessing: {'intensity', 'hu_window', 'image_size'}.
+    postprocessing: the rule (`inference.postprocessing`), or None.
+    model_name, num_classes: what every member is.
+
+  Returns:
+    The bundle folder.
+  """
+  output = pathlib.Path(output)
+  taken: set[str] = set()
+  index = {"format": FORMAT, "format_version": FORMAT_VERSION, "scoat_jax_version": version(),
+           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "model_name": model_name, "num_classes": int(num_classes),
+           "preprocessing": preprocessing, "postprocessing": postprocessing, "members": []}
+  with fileio.atomic_directory(output) as tmp:
+    for m in members:
+      name = member_name(m["provenance"].get("fold"), taken)
+      taken.add(name)
+      (tmp / name).mkdir()
+      fileio.write_text(json.dumps(m["config"], indent=1, sort_keys=True) + "\n",
+                        tmp / name / "config.json")
+      flat = _flatten({k: m["variables"].get(k, {}) for k in ("params", "batch_stats")})
+      fileio.atomic_write(tmp / name / "variables.npz", lambda t, flat=flat: np.savez(t, **flat))
+      index["members"].append({"path": name, **m["provenance"]})
+    fileio.write_text(json.dumps(index, indent=1, allow_nan=False) + "\n", tmp / INDEX)
+  return output
+
+
+def _bad(path, what: str) -> CheckpointError:
+  return CheckpointError(f"{path}: {what}; export the bundle again with "
+                         "`python -m scoat_jax.export`.")
+
+
+def read(path: str | pathlib.Path) -> Bundle:
+  """Reads and checks a bundle (its members' arrays in memory as NumPy).
+
+  Raises:
+    CheckpointError: not a bundle, a newer format version, a missing or
+      damaged member.
+  """
+  path = pathlib.Path(path).expanduser().absolute()
+  try:
+    index = json.loads((path / INDEX).read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise _bad(path, f"cannot read {INDEX} ({type(e).__name__})") from None
+  if not isinstance(index, dict) or index.get("format") != FORMAT:
+    raise _bad(path, f"{INDEX} is not a scoat_jax bundle index")
+  got = index.get("format_version")
+  if not isinstance(got, int) or got < 1:
+    raise _bad(path, f"{INDEX} has no valid format_version ({got!r})")
+  if got > FORMAT_VERSION:
+    raise CheckpointError(
+        f"{path}: a bundle of format version {got}, written by scoat_jax "
+        f"{index.get('scoat_jax_version', '?')}; this scoat_jax ({version()}) reads up to "
+        f"version {FORMAT_VERSION}: upgrade scoat_jax (pip install -U scoat_jax).")
+  entries = index.get("members")
+  if not isinstance(entries, list) or not entries:
+    raise _bad(path, f"{INDEX} lists no member")
+  members = []
+  for entry in entries:
+    name = str(entry.get("path", "")) if isinstance(entry, dict) else ""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+      raise _bad(path, f"{INDEX} names a member folder {name!r} that is not a plain name")
+    folder = path / name
+    try:
+      config = configs.upgrade(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+      with np.load(folder / "variables.npz", allow_pickle=False) as z:
+        flat = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError) as e:
+      raise _bad(folder, f"cannot read the member ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    variables = _unflatten(flat)
+    variables.setdefault("batch_stats", {})
+    meta = {k: v for k, v in entry.items() if k != "path"}
+    meta.setdefault("intensity", index.get("preprocessing", {}).get("intensity", "hu"))
+    members.append(Member(folder, config, variables, meta))
+  return Bundle(path, members, index.get("postprocessing"), index)
