@@ -66,3 +66,14 @@ def test_quantify_benchmark_runs_and_checks_itself():
   assert records[1]["lesions_match"] is True and records[1]["num_lesions"] > 0
   assert abs(records[0]["lung_volume_error_pct"]) < 0.5   # the phantom's truth, within 0.5%
   assert "| step | HU dtype |" in proc.stderr
+
+
+def test_lung_extent_benchmark_skips_only_slices_without_lung():
+  proc = _benchmark("lung_extent.py", f"--checkpoint={ROOT / 'tests/fixtures/legacy_checkpoint'}",
+                    "--size=128", "--depth=48", "--slice_mm=10", "--json")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  skip, full = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert skip["skip"] and not full["skip"] and full["slices"] == 48
+  assert 0 < skip["slices"] < 48 and skip["opacity_inside"] and skip["consolidation_inside"]
+  # The untrained model labels the neck and abdomen too: skipping them only takes opacity away.
+  assert skip["same_mask_inside"] and skip["lov_ml"] <= full["lov_ml"]
