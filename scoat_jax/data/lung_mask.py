@@ -74,8 +74,8 @@ class LungMaskError(ValueError):
   """A bad lung-mask request (array shape, spacing, margin)."""
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-  """The bounding box of a mask's True voxels, or None when it has none."""
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+  """The bounding box of a mask's nonzero elements (any dimension), or None when it has none."""
   out = []
   for axis in range(mask.ndim):
     idx = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
@@ -139,7 +139,7 @@ def _enclosed_air(hu: np.ndarray, threshold: float) -> np.ndarray:
 def _inner_air(hu: np.ndarray, threshold: float) -> tuple[np.ndarray, tuple[slice, ...]] | None:
   """Steps 1-2: air components not touching the in-plane border, as (mask, box) or None."""
   enclosed = _enclosed_air(hu, threshold)
-  box = _bbox(enclosed)
+  box = bounding_box(enclosed)
   if box is None:
     return None
   cand = enclosed[box].copy()
@@ -162,7 +162,7 @@ def _inner_air(hu: np.ndarray, threshold: float) -> tuple[np.ndarray, tuple[slic
     drop[0] = True
     cand = _lookup(~drop, labels)
     del labels
-  sub = _bbox(cand)
+  sub = bounding_box(cand)
   if sub is None:
     return None
   return cand[sub].copy(), _shift(sub, [b.start for b in box])
@@ -186,7 +186,7 @@ def _airways(cand: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
     low[z:z + _CHUNK] = smooth[:, iy:iy + cand.shape[1], ix:ix + cand.shape[2]] \
         < AIRWAY_THRESHOLD_HU
   low &= cand
-  inner = _bbox(low)  # labelled on its own box: few voxels are this dark
+  inner = bounding_box(low)  # labelled on its own box: few voxels are this dark
   if inner is None:
     return None
   labels, n = ndi.label(low[inner])
@@ -262,7 +262,7 @@ def _close_and_fill(part: np.ndarray, spacing_yx: tuple[float, float],
   pad = int(closing_radius_mm / min(spacing_yx)) + 2
   out = part.copy()
   for k in range(part.shape[0]):
-    box = _bbox(part[k])
+    box = bounding_box(part[k])
     if box is None:
       continue
     piece = np.pad(part[k][box], pad)
@@ -349,7 +349,7 @@ def _costal_dents(sl: np.ndarray, x_mid: float, min_depth_px: float) -> np.ndarr
     n_half = int(np.count_nonzero(half))
     if n_half < 20:
       continue
-    box = _bbox(half)
+    box = bounding_box(half)
     piece = half[box]
     if min(piece.shape) < 3:
       continue
@@ -434,7 +434,7 @@ def lung_mask(hu: np.ndarray,
     return out
   cand = _lookup(np.isin(np.arange(n + 1), lungs), labels)
   del labels, airway
-  sub = _bbox(cand)
+  sub = bounding_box(cand)
   lung, box = cand[sub].copy(), _shift(sub, [b.start for b in box])
   xs = np.nonzero(lung.any((0, 1)))[0]
   x_mid = (xs[0] + xs[-1]) / 2.0  # in the box's columns
@@ -443,7 +443,7 @@ def lung_mask(hu: np.ndarray,
   filled = np.zeros(lung.shape, bool)
   for half in (cols < x_mid, cols >= x_mid):
     # One side at a time, so the closing never bridges the two lungs (even when they touch).
-    part = _bbox(lung & half[None, None, :])
+    part = bounding_box(lung & half[None, None, :])
     if part is not None:
       filled[part] |= _close_and_fill(lung[part] & half[part[2]], spacing_yx, closing_radius_mm)
   lung = filled

@@ -198,40 +198,30 @@ def _empty_answer(a_to_b: np.ndarray, b_to_a: np.ndarray) -> float | None:
   return None
 
 
+def _hd95(pred, truth, spacing, combine) -> float:
+  a_to_b, b_to_a = surface_distances(pred, truth, spacing)
+  empty = _empty_answer(a_to_b, b_to_a)
+  return empty if empty is not None else float(combine(a_to_b, b_to_a))
+
+
 def hd95_pooled(pred, truth, spacing: Sequence[float] | None = None) -> float:
   """95th percentile of both directed surface-distance sets pooled into one.
 
-  Args:
-    pred: binary mask A, 2-D or 3-D, bool or 0/1.
-    truth: binary mask B, same shape.
-    spacing: voxel size per array axis (e.g. mm); None means unit voxels.
-
-  Returns:
-    The distance: 0.0 when both masks are empty, +inf when exactly one is.
+  `pred` and `truth` are binary masks of one shape (2-D or 3-D), `spacing` the
+  voxel size per array axis (None: unit voxels). Returns 0.0 when both masks
+  are empty, +inf when exactly one is.
   """
-  a_to_b, b_to_a = surface_distances(pred, truth, spacing)
-  empty = _empty_answer(a_to_b, b_to_a)
-  if empty is not None:
-    return empty
-  return float(np.percentile(np.concatenate([a_to_b, b_to_a]), 95))
+  return _hd95(pred, truth, spacing,
+               lambda a, b: np.percentile(np.concatenate([a, b]), 95))
 
 
 def hd95_max_directed(pred, truth, spacing: Sequence[float] | None = None) -> float:
   """The larger of the two directed 95th percentiles (MONAI's and DeepMind's HD95).
 
-  Args:
-    pred: binary mask A, 2-D or 3-D, bool or 0/1.
-    truth: binary mask B, same shape.
-    spacing: voxel size per array axis (e.g. mm); None means unit voxels.
-
-  Returns:
-    The distance: 0.0 when both masks are empty, +inf when exactly one is.
+  Arguments and empty-mask answers as `hd95_pooled`.
   """
-  a_to_b, b_to_a = surface_distances(pred, truth, spacing)
-  empty = _empty_answer(a_to_b, b_to_a)
-  if empty is not None:
-    return empty
-  return float(max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95)))
+  return _hd95(pred, truth, spacing,
+               lambda a, b: max(np.percentile(a, 95), np.percentile(b, 95)))
 
 
 def surface_dice(pred, truth, tolerance: float, spacing: Sequence[float] | None = None, *,

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from scoat_jax.data.ct_io import Geometry
-from scoat_jax.data.lung_mask import lung_mask
+from scoat_jax.data.lung_mask import bounding_box, lung_mask
 
 CLASS_NAMES = {1: "ggo", 2: "consolidation"}
 _CHUNK = 16  # slices per block in whole-volume counts (bounds the temporaries)
@@ -68,17 +68,6 @@ def index_to_mm(geometry: Geometry, index_zyx: Sequence[float]) -> list[float]:
   ijk = np.asarray(index_zyx, np.float64)[::-1]
   point = np.asarray(geometry.origin) + geometry.direction_matrix @ (np.asarray(geometry.spacing) * ijk)
   return [float(v) for v in point]
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-  """The bounding box of a mask's nonzero elements, or None when it has none."""
-  out = []
-  for axis in range(mask.ndim):
-    idx = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
-    if not idx.size:
-      return None
-    out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-  return tuple(out)
 
 
 def _count(*arrays: np.ndarray, test) -> int:
@@ -114,7 +103,7 @@ def region_centres_in_box(mask: np.ndarray, spacing=None) -> tuple[np.ndarray, i
     empty (0, 0) label array when the mask is empty), the number of regions,
     and an int array (n, ndim) of centres in the indices of the whole mask.
   """
-  box = _bbox(mask)
+  box = bounding_box(mask)
   if box is None:
     return np.zeros((0,) * mask.ndim, np.int32), 0, np.zeros((0, mask.ndim), np.int64), None
   comp, n = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, bool))
@@ -162,7 +151,7 @@ def lesions(labels: np.ndarray, *, voxel_volume_ml: float | None = None, spacing
     if len(sampling) != labels.ndim or not all(s > 0 and np.isfinite(s) for s in sampling):
       raise QuantifyError(f"spacing_zyx={spacing_zyx!r} must be {labels.ndim} positive voxel "
                           "sizes, one per axis of the labels")
-  box = _bbox(labels)
+  box = bounding_box(labels)
   if box is None:
     return []
   sub = labels[box]
