@@ -176,3 +176,24 @@ def test_paired_wilcoxon_against_exact_enumeration(tmp_path):
   assert report.paired_wilcoxon([ref], [ref]) == (1.0, 6)
   with pytest.raises(ValueError, match="share no validation case"):
     report.paired_wilcoxon([run("y", [0.5], "q")], [ref])
+
+
+def test_three_class_runs_report_dsc_per_class_and_over_folds(tmp_path):
+  # Two folds of a 3-class run; case b1 shows no consolidation in truth or prediction (null).
+  base = {m: 0.5 for m in METRICS}
+  f0 = [{**base, "case_id": "a1", "dsc": 0.8, "dsc_ggo": 0.6, "dsc_consolidation": 0.4},
+        {**base, "case_id": "a2", "dsc": 0.6, "dsc_ggo": 0.5, "dsc_consolidation": 0.2}]
+  f1 = [{**base, "case_id": "b1", "dsc": 0.9, "dsc_ggo": 0.7, "dsc_consolidation": None}]
+  for fold, cases in ((0, f0), (1, f1)):
+    _workdir(tmp_path, f"f{fold}", model="scoat_net", loss="ce_dice", fold=fold, best=cases,
+             later=cases)
+  [row] = report.run([str(tmp_path / "f*")], str(tmp_path / "out"), costs=False)
+  # Folds' mean DSC: 0.7 and 0.9 -> 0.8 +- 0.1; pooled cases: 0.7667.
+  assert row["dsc_folds_mean"] == pytest.approx(0.8) and row["dsc_folds_std"] == pytest.approx(0.1)
+  assert row["dsc_mean"] == pytest.approx((0.8 + 0.6 + 0.9) / 3)
+  assert row["dsc_ggo_mean"] == pytest.approx(0.6) and row["dsc_ggo_cases"] == 3
+  assert row["dsc_consolidation_mean"] == pytest.approx(0.3)
+  assert row["dsc_consolidation_cases"] == 2
+  md = (tmp_path / "out" / "cv_report.md").read_text(encoding="utf-8")
+  assert "| DSC over folds | DSC GGO | DSC consolidation |" in md
+  assert "| 0.8000 ± 0.1000 | 0.6000 ± 0.0816 (n = 3) | 0.3000 ± 0.1000 (n = 2) |" in md

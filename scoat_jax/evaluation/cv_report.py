@@ -53,7 +53,10 @@ from scoat_jax.evaluation import metrics as metrics_lib  # noqa: E402
 
 COST_SLICE = 512  # the paper's slice size, for GFLOPs and forward time
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
-TITLES = {"dsc": "DSC", "sen": "SEN", "ppv": "PPV", "va": "VA", "rlp": "RLP", "rlr": "RLR"}
+TITLES = {"dsc": "DSC", "sen": "SEN", "ppv": "PPV", "va": "VA", "rlp": "RLP", "rlr": "RLR",
+          "dsc_ggo": "DSC GGO", "dsc_consolidation": "DSC consolidation"}
+# Three-class runs also store the DSC of each class (None where a case shows neither).
+CLASS_METRICS = ("dsc_ggo", "dsc_consolidation")
 OUTPUTS = ("cv_report.md", "cv_report.csv", "cv_per_case.csv") + tuple(
     f"boxplot_{m}.png" for m in METRICS)
 
@@ -105,6 +108,14 @@ def _check_case(workdir: pathlib.Path, step_dir: pathlib.Path, i: int, case) -> 
       raise ReportError(f"{step_dir}: per_case[{i}] ({case['case_id']}) has {m}={v!r}, not a "
                         "number in [0, 1]; the checkpoint's metadata is damaged.")
     row[m] = float(v)
+  for m in CLASS_METRICS:
+    v = case.get(m)
+    if m in case and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                        or not 0.0 <= float(v) <= 1.0):
+      raise ReportError(f"{step_dir}: per_case[{i}] ({case['case_id']}) has {m}={v!r}, not a "
+                        "number in [0, 1] or null; the checkpoint's metadata is damaged.")
+    if m in case:
+      row[m] = None if v is None else float(v)
   return row
 
 
@@ -217,6 +228,14 @@ def summarise(groups: dict[str, list[Run]], *, reference: str | None = None,
     for m in METRICS:
       row.update({f"{m}_mean": stats[m]["mean"], f"{m}_std": stats[m]["std"],
                   f"{m}_median": stats[m]["median"]})
+    # Inf-Net's protocol beside the pooled cases: each fold's mean DSC, then mean +- std.
+    folds = [float(np.mean([c["dsc"] for c in r.per_case])) for r in members if r.per_case]
+    row.update(dsc_folds_mean=float(np.mean(folds)), dsc_folds_std=float(np.std(folds)))
+    for m in CLASS_METRICS:
+      values = [c[m] for r in members for c in r.per_case if c.get(m) is not None]
+      row.update({f"{m}_mean": float(np.mean(values)) if values else None,
+                  f"{m}_std": float(np.std(values)) if values else None,
+                  f"{m}_cases": len(values)})
     p = n = None
     if reference is not None and label != reference:
       p, n = paired_wilcoxon(members, groups[reference])
@@ -229,7 +248,9 @@ def summarise(groups: dict[str, list[Run]], *, reference: str | None = None,
 
 def _csv(rows: list[dict]) -> str:
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+  # Rows may differ in keys (3-class runs beside 1-class ones): the union, in first-seen order.
+  names = list(dict.fromkeys(k for row in rows for k in row))
+  writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
   writer.writeheader()
   writer.writerows(rows)
   return buf.getvalue()
@@ -256,6 +277,19 @@ def markdown(summary: list[dict], groups: dict[str, list[Run]], *,
     p = "ref." if row["model"] == reference else _fmt(row["dsc_p_vs_reference"], ".3g")
     lines.append(f"| {row['model']} | {row['runs']} | {row['cases']} | " + " | ".join(cells)
                  + f" | {p} |")
+  classes = [m for m in CLASS_METRICS if any(row.get(f"{m}_cases") for row in summary)]
+  lines += ["", "## DSC over folds" + (" and per class" if classes else ""), "",
+            "Mean DSC of each fold's cases, then mean ± std over the folds (Inf-Net's protocol "
+            "when a case is a slice)" + ("; per class: mean ± std over the cases that show the "
+                                         "class in the truth or the prediction." if classes
+                                         else "."), "",
+            "| Model / loss | DSC over folds | " + "".join(f"{TITLES[m]} | " for m in classes),
+            "|---|---:|" + "---:|" * len(classes)]
+  for row in summary:
+    cells = "".join(f"{_fmt(row[f'{m}_mean'], '.4f')} ± {_fmt(row[f'{m}_std'], '.4f')} "
+                    f"(n = {row[f'{m}_cases']}) | " for m in classes)
+    lines.append(f"| {row['model']} | {row['dsc_folds_mean']:.4f} ± {row['dsc_folds_std']:.4f} | "
+                 + cells)
   if any(row.get("params") is not None for row in summary):
     lines += ["", "## Cost", "",
               "Of each row's network as its runs' config builds it, inference with one head, "

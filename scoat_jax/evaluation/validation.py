@@ -21,6 +21,15 @@ from scoat_jax.evaluation import metrics as metrics_lib
 from scoat_jax.models import outputs
 
 METRIC_NAMES = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
+# Three-class models: the DSC of each opacity class beside any-opacity DSC (label: name).
+CLASS_DSC = {1: "dsc_ggo", 2: "dsc_consolidation"}
+
+
+def class_dsc(pred: np.ndarray, truth: np.ndarray, label: int) -> float:
+  """DSC of one class; NaN where neither mask holds it (undefined, left out of means)."""
+  p, t = pred == label, truth == label
+  den = int(np.count_nonzero(p)) + int(np.count_nonzero(t))
+  return float("nan") if den == 0 else 2.0 * int(np.count_nonzero(p & t)) / den
 
 
 def make_predict_fn(apply_fn: Callable, *, num_classes: int, average_heads: bool,
@@ -40,7 +49,7 @@ def local_variables(variables: Any) -> Any:
 
 
 def evaluate(predict_fn: Callable, variables, batches: Iterable[dict], case_ids: list[str], *,
-             num_overlays: int = 0) -> tuple[dict, list[dict], list[tuple]]:
+             num_overlays: int = 0, num_classes: int = 1) -> tuple[dict, list[dict], list[tuple]]:
   """Runs `predict_fn` over `batches` and scores every case.
 
   Args:
@@ -51,6 +60,8 @@ def evaluate(predict_fn: Callable, variables, batches: Iterable[dict], case_ids:
     case_ids: names of all cases of the split (indexed by 'case').
     num_overlays: how many (image, truth, prediction) slices to return for
       image summaries, taking slices with the most opacity first.
+    num_classes: 3 adds each case's `dsc_ggo` and `dsc_consolidation` (None
+      where neither mask holds the class) and their aggregates.
 
   Returns:
     (aggregate, per_case, overlays): `aggregate` maps 'val_<metric>' to the
@@ -68,28 +79,32 @@ def evaluate(predict_fn: Callable, variables, batches: Iterable[dict], case_ids:
         overlays.append((int(np.count_nonzero(batch["mask"][k])), batch["image"][k], batch["mask"][k], labels[k]))
         overlays = sorted(overlays, key=lambda o: -o[0])[:num_overlays]
 
-  local = np.full((len(case_ids), len(METRIC_NAMES)), np.nan, np.float64)
+  names = METRIC_NAMES + (tuple(CLASS_DSC.values()) if num_classes == 3 else ())
+  local = np.full((len(case_ids), len(names)), np.nan, np.float64)
   for case, items in slices.items():
     items.sort(key=lambda t: t[0])
-    pred = np.stack([p for _, p, _ in items]) > 0
-    truth = np.stack([m for _, _, m in items]) > 0
+    labels = np.stack([p for _, p, _ in items])
+    truth_labels = np.stack([m for _, _, m in items])
+    pred, truth = labels > 0, truth_labels > 0
     result = metrics_lib.case_metrics(pred if len(items) > 1 else pred[0],
                                       truth if len(items) > 1 else truth[0])
-    local[case] = [result[name] for name in METRIC_NAMES]
+    result.update({name: class_dsc(labels, truth_labels, c) for c, name in CLASS_DSC.items()})
+    local[case] = [result[name] for name in names]
   table = local
   if jax.process_count() > 1:
     gathered = np.asarray(multihost_utils.process_allgather(local))
     table = np.where(np.isnan(gathered), -np.inf, gathered).max(axis=0)
     table[np.isinf(table)] = np.nan
-  scored = ~np.isnan(table).any(axis=1)
-  per_case = [dict(case_id=case_ids[c], **{n: float(table[c, i]) for i, n in enumerate(METRIC_NAMES)})
+  scored = ~np.isnan(table[:, :len(METRIC_NAMES)]).any(axis=1)
+  per_case = [dict(case_id=case_ids[c], **{n: None if np.isnan(table[c, i]) else float(table[c, i])
+                                           for i, n in enumerate(names)})
               for c in np.flatnonzero(scored)]
   aggregate = {}
   if per_case:
     for name, stats in metrics_lib.aggregate(
-        [{n: r[n] for n in METRIC_NAMES} for r in per_case]).items():
-      if not isinstance(stats, dict):
-        continue
+        [{n: np.nan if r[n] is None else r[n] for n in names} for r in per_case]).items():
+      if not isinstance(stats, dict) or not np.isfinite(stats["mean"]):
+        continue  # e.g. dsc_consolidation when no case shows consolidation
       aggregate[f"val_{name}"] = stats["mean"]
       aggregate[f"val_{name}_std"] = stats["std"]
       aggregate[f"val_{name}_median"] = stats["median"]

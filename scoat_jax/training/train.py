@@ -93,7 +93,7 @@ class Validator:
     batches = input_pipeline.eval_batches(self.config.data, split=self.split,
                                           batch_size=self.batch_size)
     return validation.evaluate(self.predict_fn, variables, batches, self.case_ids,
-                               num_overlays=num_overlays)
+                               num_overlays=num_overlays, num_classes=self.config.num_classes)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
