@@ -11,7 +11,7 @@ from trained_checkpoint import test_scan, write_rotated_nifti
 from scoat_jax.data import ct_io
 from scoat_jax.inference import segment
 
-pytestmark = pytest.mark.xdist_group("tiny_training")
+pytestmark = pytest.mark.xdist_group("tiny_training_b")
 
 NUMBERS = ("lov_ml", "lung_volume_ml", "poi_percent", "lov_outside_lung_ml", "num_lesions",
            "network_slices")

@@ -17,7 +17,7 @@ from scoat_jax.data import ct_io
 from scoat_jax.inference import bundle, export, postprocessing, segment
 from scoat_jax.models import torch_weights
 
-pytestmark = pytest.mark.xdist_group("tiny_training")
+pytestmark = pytest.mark.xdist_group("tiny_training_b")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -195,3 +195,22 @@ def test_pytorch_weights_predict_with_a_config(shifted_workdir, scan_path, tmp_p
   np.testing.assert_array_equal(mt, mw)
   np.testing.assert_allclose(pt, pw, atol=1e-6)
   assert rt["checkpoints"][0]["checkpoint"].endswith("scoat.npz")
+
+
+def test_the_final_model_copies_the_rule_chosen_on_the_folds(shifted_workdir, tmp_path):
+  model = inference.load_model(shifted_workdir)
+  config = model.config.to_dict()
+  config["data"]["fold"] = -1
+  final = save_checkpoint(tmp_path / "all", model.variables, config)
+  with pytest.raises(ValueError, match="trained on all cases .* --postprocessing_from"):
+    export.run([str(final)], str(tmp_path / "m"))
+  rule = {"min_size": 50.0, "unit": "mm3", "inside_lung": True}
+  bundle.write(tmp_path / "cv", [{"config": model.config.to_dict(), "variables": model.variables,
+                                  "provenance": export.provenance(model)}],
+               preprocessing={"intensity": "hu", "hu_window": list(model.hu_window),
+                              "image_size": 32},
+               postprocessing=rule, model_name="scoat_net", num_classes=1)
+  index = export.run([str(final)], str(tmp_path / "m"), postprocessing_from=str(tmp_path / "cv"))
+  assert index["postprocessing"] == {**rule, "copied_from": str((tmp_path / "cv").absolute())}
+  assert [m["path"] for m in index["members"]] == ["all"] and index["members"][0]["fold"] == -1
+  assert not (tmp_path / "m_tmp").exists()

@@ -13,7 +13,7 @@ from scoat_jax.data import ct_io, dicom_writer, phantom
 from scoat_jax.inference import scan as scan_lib
 from scoat_jax.inference import segment
 
-pytestmark = pytest.mark.xdist_group("tiny_training")
+pytestmark = pytest.mark.xdist_group("tiny_training_b")
 
 
 def _run(workdir, source, out, **kw):

@@ -27,7 +27,7 @@ from scoat_jax.training import input_pipeline, train
 from trained_checkpoint import one_device, tiny_config
 
 # Same tiny executables as the shared trained checkpoint (one worker).
-pytestmark = pytest.mark.xdist_group("tiny_training")
+pytestmark = pytest.mark.xdist_group("tiny_training_b")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS = 3, 3
