@@ -25,7 +25,7 @@ from scoat_jax.training import train
 from trained_checkpoint import one_device
 from trained_checkpoint import tiny_config as _tiny
 
-pytestmark = pytest.mark.xdist_group("tiny_training")
+pytestmark = pytest.mark.xdist_group("tiny_training_b")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = [3, 6, 9, 12]
