@@ -195,5 +195,5 @@ def test_three_class_runs_report_dsc_per_class_and_over_folds(tmp_path):
   assert row["dsc_consolidation_mean"] == pytest.approx(0.3)
   assert row["dsc_consolidation_cases"] == 2
   md = (tmp_path / "out" / "cv_report.md").read_text(encoding="utf-8")
-  assert "| DSC over folds | DSC GGO | DSC consolidation |" in md
+  assert "| Model / loss | DSC over folds | DSC GGO | DSC consolidation |\n" in md
   assert "| 0.8000 ± 0.1000 | 0.6000 ± 0.0816 (n = 3) | 0.3000 ± 0.1000 (n = 2) |" in md

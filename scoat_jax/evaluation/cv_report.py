@@ -283,13 +283,13 @@ def markdown(summary: list[dict], groups: dict[str, list[Run]], *,
             "when a case is a slice)" + ("; per class: mean ± std over the cases that show the "
                                          "class in the truth or the prediction." if classes
                                          else "."), "",
-            "| Model / loss | DSC over folds | " + "".join(f"{TITLES[m]} | " for m in classes),
+            ("| Model / loss | DSC over folds | " + "".join(f"{TITLES[m]} | " for m in classes)).rstrip(),
             "|---|---:|" + "---:|" * len(classes)]
   for row in summary:
-    cells = "".join(f"{_fmt(row[f'{m}_mean'], '.4f')} ± {_fmt(row[f'{m}_std'], '.4f')} "
-                    f"(n = {row[f'{m}_cases']}) | " for m in classes)
-    lines.append(f"| {row['model']} | {row['dsc_folds_mean']:.4f} ± {row['dsc_folds_std']:.4f} | "
-                 + cells)
+    cells = "".join(f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f} (n = {row[f'{m}_cases']}) | "
+                    if row[f"{m}_cases"] else "– | " for m in classes)
+    lines.append((f"| {row['model']} | {row['dsc_folds_mean']:.4f} ± {row['dsc_folds_std']:.4f} | "
+                  + cells).rstrip())
   if any(row.get("params") is not None for row in summary):
     lines += ["", "## Cost", "",
               "Of each row's network as its runs' config builds it, inference with one head, "
