@@ -24,9 +24,10 @@ import datetime
 import json
 import pathlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
+from flax import traverse_util
 
 from scoat_jax import configs
 from scoat_jax.checkpoints import CheckpointError
@@ -65,28 +66,6 @@ def version() -> str:
     return metadata.version("scoat_jax")
   except metadata.PackageNotFoundError:
     return "unknown"
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key + "/"))
-    else:
-      out[key] = np.asarray(v)
-  return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  out: dict = {}
-  for key, v in flat.items():
-    node = out
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
 
 
 def member_name(fold, taken: set[str]) -> str:
@@ -128,7 +107,8 @@ def write(output: str | pathlib.Path, members: Sequence[dict], *, preprocessing:
       (tmp / name).mkdir()
       fileio.write_text(json.dumps(m["config"], indent=1, sort_keys=True) + "\n",
                         tmp / name / "config.json")
-      flat = _flatten({k: m["variables"].get(k, {}) for k in ("params", "batch_stats")})
+      flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
+          {k: m["variables"].get(k, {}) for k in ("params", "batch_stats")}, sep="/").items()}
       fileio.atomic_write(tmp / name / "variables.npz", lambda t, flat=flat: np.savez(t, **flat))
       index["members"].append({"path": name, **m["provenance"]})
     fileio.write_text(json.dumps(index, indent=1, allow_nan=False) + "\n", tmp / INDEX)
@@ -178,7 +158,7 @@ def read(path: str | pathlib.Path) -> Bundle:
     except (OSError, ValueError, KeyError) as e:
       raise _bad(folder, f"cannot read the member ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    variables = _unflatten(flat)
+    variables = traverse_util.unflatten_dict(flat, sep="/")
     variables.setdefault("batch_stats", {})
     meta = {k: v for k, v in entry.items() if k != "path"}
     meta.setdefault("intensity", index.get("preprocessing", {}).get("intensity", "hu"))
