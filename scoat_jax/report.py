@@ -29,6 +29,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("costs", True, "Add each network's parameters, GFLOPs and forward ms per "
                     "512x512 slice (builds and times the networks).")
   flags.DEFINE_bool("timing", True, "With --costs: time the forward pass on this machine.")
+  flags.DEFINE_enum("at", "best", ["best", "last"], "Score each run at its best checkpoint "
+                    "(highest validation DSC) or its last evaluated one (no choice made on the "
+                    "validation fold).")
 
 
 def main(argv):
@@ -37,7 +40,7 @@ def main(argv):
   workdirs = list(FLAGS.workdirs or []) + list(argv[1:])
   cli.run(argv, lambda: cv_report.run(workdirs, FLAGS.output, labels=FLAGS.labels,
                                       overwrite=FLAGS.overwrite, reference=FLAGS.reference,
-                                      costs=FLAGS.costs, timing=FLAGS.timing),
+                                      costs=FLAGS.costs, timing=FLAGS.timing, at=FLAGS.at),
           positional=True, show=pathlib.Path(FLAGS.output) / "cv_report.md")
 
 

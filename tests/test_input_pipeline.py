@@ -191,3 +191,47 @@ def test_ensure_dataset_generates_only_the_phantom(tmp_path):
   with pytest.raises(datasets.DatasetNotBuiltError, match="build it with: python -m "
                      "scoat_jax.datasets.build covid_semiseg --manual_dir=<folder with Imgs/ and GT/>"):
     ip.ensure_dataset(_cfg(str(tmp_path), name="covid_semiseg"))
+
+
+def test_uint8_normalization_reaches_training_and_inference(tmp_path):
+  """data.uint8_normalization='equalize' is applied alike by training batches and Predictor."""
+  import jax
+  from PIL import Image
+  from scoat_jax import models
+  from scoat_jax.data import preprocess
+  from scoat_jax.inference.loading import LoadedModel
+  from scoat_jax.inference.predictor import Predictor
+  from trained_checkpoint import WIDTHS
+  manual = tmp_path / "slices"
+  (manual / "Imgs").mkdir(parents=True)
+  (manual / "GT").mkdir()
+  rng = np.random.default_rng(0)
+  raws = {}
+  for k, shape in enumerate([(40, 30), (24, 36), (32, 32)]):
+    raw = (rng.integers(0, 120, shape) + 100 * (k == 1)).astype(np.uint8)   # one brighter export
+    raws[str(k)] = raw
+    Image.fromarray(raw).save(manual / "Imgs" / f"{k}.png")
+    Image.fromarray((raw > 150).astype(np.uint8)).save(manual / "GT" / f"{k}.png")
+  data_dir = str(tmp_path / "tfds")
+  build.build("covid_semiseg", data_dir, str(manual))
+  cfg = _cfg(data_dir, name="covid_semiseg", uint8_normalization="equalize")
+  ids = ip.eval_case_ids(cfg, "all")
+  batch = next(ip.eval_batches(cfg, split="all", batch_size=3))
+  config = default.get_config()
+  config.data.image_size, config.data.uint8_normalization = 32, "equalize"
+  config.model.widths = WIDTHS
+  model = models.create_model(config)
+  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.float32), train=False)
+  predictor = Predictor([LoadedModel(tmp_path, config, model, jax.device_get(variables), {})])
+  for k, case in enumerate(ids):
+    expected, _ = preprocess.prepare_slice(raws[case], np.zeros_like(raws[case]), source="uint8",
+                                           window=(-1250, 250), size=32, num_classes=1,
+                                           uint8_mode="equalize")
+    np.testing.assert_array_equal(batch["image"][k, ..., 0], expected)
+    np.testing.assert_array_equal(predictor.prepare(raws[case], "uint8"), expected)
+  # The brighter export is equalised like the others (the /255 input would be ~0.4 brighter).
+  means = [batch["image"][k][batch["image"][k] > 0].mean() for k in range(3)]
+  assert max(means) - min(means) < 0.05
+  with pytest.raises(ip.PipelineError, match="uint8_normalization='clahe'"):
+    next(ip.eval_batches(_cfg(data_dir, name="covid_semiseg", uint8_normalization="clahe"),
+                         split="all", batch_size=3))

@@ -195,5 +195,28 @@ def test_three_class_runs_report_dsc_per_class_and_over_folds(tmp_path):
   assert row["dsc_consolidation_mean"] == pytest.approx(0.3)
   assert row["dsc_consolidation_cases"] == 2
   md = (tmp_path / "out" / "cv_report.md").read_text(encoding="utf-8")
-  assert "| Model / loss | DSC over folds | DSC GGO | DSC consolidation |\n" in md
-  assert "| 0.8000 ± 0.1000 | 0.6000 ± 0.0816 (n = 3) | 0.3000 ± 0.1000 (n = 2) |" in md
+  assert ("| Model / loss | DSC | SEN | PPV | VA | RLP | RLR | DSC GGO | DSC consolidation |\n"
+          in md)
+  assert ("| 0.8000 ± 0.1000 | " + "0.5000 ± 0.0000 | " * 5
+          + "0.6000 ± 0.0816 (n = 3) | 0.3000 ± 0.1000 (n = 2) |") in md
+
+
+def test_last_evaluated_checkpoint_and_every_metric_over_folds(runs, tmp_path):
+  root, dirs, data = runs
+  workdirs = [str(d) for d in dirs.values()]
+  # --at=last scores the later (worse) step, DSC 0 in every case; the other metrics are equal.
+  [scoat, _] = report.run(workdirs, str(tmp_path / "last"), costs=False, at="last")
+  assert scoat["dsc_mean"] == 0.0 and scoat["dsc_folds_mean"] == 0.0
+  assert "each fold scored at its last evaluated checkpoint" in (
+      tmp_path / "last" / "cv_report.md").read_text(encoding="utf-8")
+  [best, _] = report.run(workdirs, str(tmp_path / "best"), costs=False)
+  folds = [data["scoat_f0"][3], data["scoat_f1"][3]]
+  for m in METRICS:
+    per_fold = [np.mean([c[m] for c in cases]) for cases in folds]
+    assert best[f"{m}_folds_mean"] == pytest.approx(np.mean(per_fold))
+    assert best[f"{m}_folds_std"] == pytest.approx(np.std(per_fold))
+    if m != "dsc":
+      assert scoat[f"{m}_folds_mean"] == pytest.approx(best[f"{m}_folds_mean"])
+  with pytest.raises(ValueError, match="--at=first"):
+    report.run(workdirs, str(tmp_path / "bad"), costs=False, at="first")
+  assert not (tmp_path / "bad").exists()

@@ -87,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.num_folds = 5
   c.data.fold_seed = 0
   c.data.hu_window = (-1250.0, 250.0)  # (ours) HU window scaled to [0, 1].
+  c.data.uint8_normalization = "scale"  # (ours) 8-bit slices: scale (/255) | equalize.
   c.data.num_classes = c.get_ref("num_classes")
   c.data.augment = True
   c.data.flip = True

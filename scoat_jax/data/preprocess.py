@@ -2,7 +2,7 @@
 that training and inference share.
 
 `prepare_slice` normalises the raw intensities (`intensity.normalize`: the HU
-window, or /255 for 8-bit slices), optionally jitters them, and resamples the
+window, or /255 or histogram equalisation for 8-bit slices), optionally jitters them, and resamples the
 slice by ONE affine warp that composes letterboxing (keep the aspect ratio,
 fit the long side to S, centre, pad with 0 = the normalised value of air) with
 the random flip, rotation and scale of training augmentation:
@@ -58,7 +58,8 @@ def warp_matrix(shape: tuple[int, int], size: int, *, flip: bool = False, angle:
 
 def prepare_slice(image: np.ndarray, mask: np.ndarray, *, source: str, window, size: int,
                   num_classes: int, rng: np.random.Generator | None = None,
-                  aug: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  aug: dict | None = None, uint8_mode: str = "scale"
+                  ) -> tuple[np.ndarray, np.ndarray]:
   """Normalises, augments and letterboxes one slice.
 
   Args:
@@ -70,11 +71,13 @@ def prepare_slice(image: np.ndarray, mask: np.ndarray, *, source: str, window, s
     num_classes: 1 (mask > 0) or 3 (labels kept).
     rng: augmentation randomness; None means no augmentation.
     aug: flip, rotate_degrees, scale_range, intensity_jitter (used with rng).
+    uint8_mode: how 8-bit slices are normalised (`intensity.UINT8_MODES`).
 
   Returns:
     (image (S, S) float32 in [0, 1], mask (S, S) int32).
   """
-  img = normalize(image, source, window=tuple(window)).astype(np.float32, copy=False)
+  img = normalize(image, source, window=tuple(window), uint8_mode=uint8_mode).astype(
+      np.float32, copy=False)
   flip, angle, scale = False, 0.0, 1.0
   if rng is not None:
     aug = aug or {}

@@ -5,13 +5,17 @@ r"""Cross-validation report in the paper's layout (Table II, box plots of Fig. 3
         --workdirs=runs/unet_f0,runs/unet_f1 --labels=SCOAT-Net,SCOAT-Net,U-Net,U-Net --output=DIR
 
 For every training workdir the best checkpoint (by validation DSC, see
-`scoat_jax.checkpoints`) is found and its meta JSON read: at each evaluation
+`scoat_jax.checkpoints`), or with `at='last'` the latest evaluated one (no
+choice made on the validation fold, hence no optimism), is found and its
+meta JSON read: at each evaluation
 training stores there the per-case metrics of the fold's validation cases
 ('per_case': case_id, dsc, sen, ppv, va, rlp, rlr). Runs are grouped into
 rows by `config.model_name` and `config.loss` from `<workdir>/config.json`, or by
 --labels (one per workdir, in order). The cases of a row's folds are pooled
 (each case is validated in exactly one fold) and summarised as mean ± std
-(population std, as in the training logs) and median over cases.
+(population std, as in the training logs) and median over cases; beside
+them each metric's mean over a fold's cases, as mean ± std over the folds
+(Inf-Net's protocol where a case is a slice).
 
 A final model's workdir (`--config.data.fold=-1`: trained on every case,
 validated on none) has no validation metrics and is refused with one line
@@ -119,8 +123,24 @@ def _check_case(workdir: pathlib.Path, step_dir: pathlib.Path, i: int, case) -> 
   return row
 
 
-def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
-  """Reads one workdir's config and the per-case metrics of its best checkpoint.
+AT = ("best", "last")
+
+
+def _last_evaluated(workdir: pathlib.Path) -> pathlib.Path:
+  steps = sorted((d for d in (workdir / "checkpoints").glob("*") if d.name.isdigit()),
+                 key=lambda d: int(d.name), reverse=True)
+  for d in steps:
+    try:
+      if checkpoints.read_meta(d).get("per_case"):
+        return d
+    except (OSError, ValueError):
+      continue
+  raise ReportError(f"{workdir}: no checkpoint holds validation metrics; evaluate the run "
+                    "(config.eval_every_epochs) or report it with --at=best.")
+
+
+def load_run(workdir: str | pathlib.Path, label: str | None = None, at: str = "best") -> Run:
+  """Reads one workdir's config and the per-case metrics of its best (or last evaluated) checkpoint.
 
   Raises:
     ReportError / CheckpointError: no config.json, a fold -1 run (no
@@ -137,8 +157,14 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
     raise ReportError(f"{workdir}: trained with data.fold=-1 on every case, so it has no "
                       "validation metrics; leave it out of --workdirs and report the runs of "
                       "folds 0..k-1.")
-  with checkpoints.quiet_orbax():
-    step_dir = checkpoints.resolve_step_dir(workdir)
+  if at not in AT:
+    raise ReportError(f"--at={at}: choose best (highest validation DSC) or last (the latest "
+                      "evaluated checkpoint).")
+  if at == "last":
+    step_dir = _last_evaluated(workdir)
+  else:
+    with checkpoints.quiet_orbax():
+      step_dir = checkpoints.resolve_step_dir(workdir)
   meta = checkpoints.read_meta(step_dir)
   per_case = meta.get("per_case")
   if not per_case:
@@ -228,9 +254,10 @@ def summarise(groups: dict[str, list[Run]], *, reference: str | None = None,
     for m in METRICS:
       row.update({f"{m}_mean": stats[m]["mean"], f"{m}_std": stats[m]["std"],
                   f"{m}_median": stats[m]["median"]})
-    # Inf-Net's protocol beside the pooled cases: each fold's mean DSC, then mean +- std.
-    folds = [float(np.mean([c["dsc"] for c in r.per_case])) for r in members if r.per_case]
-    row.update(dsc_folds_mean=float(np.mean(folds)), dsc_folds_std=float(np.std(folds)))
+    # Inf-Net's protocol beside the pooled cases: each fold's mean, then mean +- std.
+    for m in METRICS:
+      folds = [float(np.mean([c[m] for c in r.per_case])) for r in members if r.per_case]
+      row.update({f"{m}_folds_mean": float(np.mean(folds)), f"{m}_folds_std": float(np.std(folds))})
     for m in CLASS_METRICS:
       values = [c[m] for r in members for c in r.per_case if c.get(m) is not None]
       row.update({f"{m}_mean": float(np.mean(values)) if values else None,
@@ -261,12 +288,14 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
 
 
 def markdown(summary: list[dict], groups: dict[str, list[Run]], *,
-             reference: str | None = None, machine: str = "") -> str:
+             reference: str | None = None, machine: str = "", at: str = "best") -> str:
   """The paper-style table (mean ± std, median in brackets), the costs, and the runs used."""
   ref = f"its per-case DSC against **{reference}**'s" if reference else "no reference row"
+  where = ("at its best checkpoint (highest validation DSC)" if at == "best" else
+           "at its last evaluated checkpoint")
   lines = ["# Cross-validation results", "",
            "Each cell: mean ± std (median) over the validation cases of all folds; each fold "
-           "scored at its best checkpoint (highest validation DSC). p: two-sided paired Wilcoxon "
+           f"scored {where}. p: two-sided paired Wilcoxon "
            f"signed-rank test of {ref} (cases paired by id).", "",
            "| Model / loss | Folds | Cases | " + " | ".join(TITLES[m] for m in METRICS)
            + " | p (DSC) |",
@@ -278,18 +307,20 @@ def markdown(summary: list[dict], groups: dict[str, list[Run]], *,
     lines.append(f"| {row['model']} | {row['runs']} | {row['cases']} | " + " | ".join(cells)
                  + f" | {p} |")
   classes = [m for m in CLASS_METRICS if any(row.get(f"{m}_cases") for row in summary)]
-  lines += ["", "## DSC over folds" + (" and per class" if classes else ""), "",
-            "Mean DSC of each fold's cases, then mean ± std over the folds (Inf-Net's protocol "
-            "when a case is a slice)" + ("; per class: mean ± std over the cases that show the "
-                                         "class in the truth or the prediction." if classes
-                                         else "."), "",
-            ("| Model / loss | DSC over folds | " + "".join(f"{TITLES[m]} | " for m in classes)).rstrip(),
-            "|---|---:|" + "---:|" * len(classes)]
+  lines += ["", "## Over folds" + (" and per class" if classes else ""), "",
+            "Each metric's mean over a fold's cases, then mean ± std over the folds (Inf-Net's "
+            "protocol when a case is a slice)" + ("; per class: DSC mean ± std over the cases "
+                                                  "that show the class in the truth or the "
+                                                  "prediction." if classes else "."), "",
+            ("| Model / loss | " + "".join(f"{TITLES[m]} | " for m in METRICS + tuple(classes))
+             ).rstrip(),
+            "|---|" + "---:|" * (len(METRICS) + len(classes))]
   for row in summary:
+    folds = "".join(f"{row[f'{m}_folds_mean']:.4f} ± {row[f'{m}_folds_std']:.4f} | "
+                    for m in METRICS)
     cells = "".join(f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f} (n = {row[f'{m}_cases']}) | "
                     if row[f"{m}_cases"] else "– | " for m in classes)
-    lines.append((f"| {row['model']} | {row['dsc_folds_mean']:.4f} ± {row['dsc_folds_std']:.4f} | "
-                  + cells).rstrip())
+    lines.append((f"| {row['model']} | " + folds + cells).rstrip())
   if any(row.get("params") is not None for row in summary):
     lines += ["", "## Cost", "",
               "Of each row's network as its runs' config builds it, inference with one head, "
@@ -347,7 +378,7 @@ def boxplot(groups: dict[str, list[Run]], metric: str, path: pathlib.Path) -> pa
 
 def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
         overwrite: bool = False, reference: str | None = None, costs: bool = True,
-        timing: bool = True) -> list[dict]:
+        timing: bool = True, at: str = "best") -> list[dict]:
   """Reads every run, then writes the report files; the programmatic form of the CLI.
 
   Args:
@@ -358,6 +389,7 @@ def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
     reference: the row the p-values compare with (default: SCOAT-Net with BCE-Dice).
     costs: measure each row's parameters and GFLOPs (builds the networks).
     timing: also time each network's forward pass (needs `costs`).
+    at: 'best' (highest validation DSC) or 'last' (latest evaluated) checkpoint per run.
 
   Returns:
     The summary rows (as in cv_report.csv).
@@ -374,7 +406,10 @@ def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
   if existing and not overwrite:
     raise ReportError(f"--output={output}: holds an earlier report ({existing[0]}); choose a new "
                       "folder or pass --overwrite.")
-  runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(paths)]
+  if at not in AT:
+    raise ReportError(f"--at={at}: choose best (highest validation DSC) or last (the latest "
+                      "evaluated checkpoint).")
+  runs = [load_run(w, labels[i] if labels else None, at=at) for i, w in enumerate(paths)]
   groups = group_runs(runs)
   reference = reference_label(groups, reference)
   cost = measure_costs(groups, timing=timing) if costs else None
@@ -387,7 +422,7 @@ def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
               for r in runs for c in r.per_case]
   output.mkdir(parents=True, exist_ok=True)
   for name, text in (("cv_report.md", markdown(summary, groups, reference=reference,
-                                                machine=machine)), ("cv_report.csv", _csv(summary)),
+                                                machine=machine, at=at)), ("cv_report.csv", _csv(summary)),
                      ("cv_per_case.csv", _csv(per_case))):
     fileio.write_text(text, output / name)
   for m in METRICS:

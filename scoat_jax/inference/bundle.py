@@ -87,7 +87,7 @@ def write(output: str | pathlib.Path, members: Sequence[dict], *, preprocessing:
     output: the bundle folder; must not exist.
     members: per model {'config': dict, 'variables': {'params', 'batch_stats'},
       'provenance': JSON-ready dict (dataset, fold, step, validation, source)}.
-    preprocessing: {'intensity', 'hu_window', 'image_size'}.
+    preprocessing: {'intensity', 'hu_window', 'uint8_normalization', 'image_size'}.
     postprocessing: the rule (`inference.postprocessing`), or None.
     model_name, num_classes: what every member is.
 

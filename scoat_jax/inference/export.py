@@ -162,6 +162,7 @@ def run(checkpoints: Sequence[str], output: str, *, postprocessing_mode: str = "
   members = [{"config": m.config.to_dict(), "variables": m.variables, "provenance": provenance(m)}
              for m in models]
   preprocessing = {"intensity": first.intensity, "hu_window": list(first.hu_window),
+                   "uint8_normalization": first.uint8_normalization,
                    "image_size": first.image_size}
   target = output
   if output.exists():  # --overwrite: the new bundle is complete before the old one goes

@@ -32,7 +32,7 @@ import numpy as np
 
 from scoat_jax import checkpoints, models
 from scoat_jax.checkpoints import CheckpointError
-from scoat_jax.data.intensity import HU_WINDOW
+from scoat_jax.data.intensity import HU_WINDOW, check_uint8_mode
 from scoat_jax.inference import bundle
 
 TORCH_SUFFIXES = (".pth", ".pt", ".npz")
@@ -76,6 +76,11 @@ class LoadedModel:
   @property
   def hu_window(self) -> tuple[float, float]:
     return tuple(float(v) for v in self.config.data.get("hu_window", HU_WINDOW))
+
+  @property
+  def uint8_normalization(self) -> str:
+    """How 8-bit slices are normalised for it: 'scale' or 'equalize' (`data.intensity`)."""
+    return str(self.config.data.get("uint8_normalization", "scale"))
 
   @property
   def average_heads(self) -> bool:
@@ -138,6 +143,7 @@ def _build(source, config: ml_collections.ConfigDict) -> nn.Module:
     window = [float(v) for v in config.data.get("hu_window", HU_WINDOW)]
     if len(window) != 2 or not window[0] < window[1]:
       raise ValueError(f"config.data.hu_window={window} is not (lo, hi) with lo < hi")
+    check_uint8_mode(str(config.data.get("uint8_normalization", "scale")))
     int(config.data.image_size)
   except (ValueError, AttributeError, KeyError, TypeError) as e:
     raise CheckpointError(f"{source}: its config does not describe a model this version can "
@@ -260,6 +266,8 @@ def load_ensemble(paths: Sequence[str | pathlib.Path], *,
     for what, a, b in (("input size (config.data.image_size)", m.image_size, first.image_size),
                        ("number of classes", m.num_classes, first.num_classes),
                        ("HU window (config.data.hu_window)", m.hu_window, first.hu_window),
+                       ("8-bit normalisation (config.data.uint8_normalization)",
+                        m.uint8_normalization, first.uint8_normalization),
                        ("post-processing", m.postprocessing, first.postprocessing)):
       if a != b:
         raise CheckpointError(f"{m.step_dir}: its {what} is {a}, but {first.step_dir} has {b}; "

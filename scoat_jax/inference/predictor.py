@@ -163,6 +163,7 @@ class Predictor:
     first = self.models[0]
     self.image_size, self.num_classes, self.hu_window = (
         first.image_size, first.num_classes, first.hu_window)
+    self.uint8_mode = first.uint8_normalization
     self._variables = jax.device_put(tuple(m.variables for m in self.models),
                                      parallel.replicated(self.mesh))
     self._forward = _forward_fn(tuple(m.model for m in self.models),
@@ -176,12 +177,13 @@ class Predictor:
       raise InferenceError(f"a slice must be a 2-D (H, W) array, got shape {image.shape}")
     out, _ = preprocess.prepare_slice(
         image, np.zeros(image.shape, np.uint8), source=source, window=self.hu_window,
-        size=self.image_size, num_classes=self.num_classes)
+        size=self.image_size, num_classes=self.num_classes, uint8_mode=self.uint8_mode)
     return out
 
   def display_image(self, image: np.ndarray, source: str) -> np.ndarray:
     """A raw slice normalised to [0, 1] on its own grid, as the model sees its intensities."""
-    return normalize(np.asarray(image), source, window=self.hu_window)
+    return normalize(np.asarray(image), source, window=self.hu_window,
+                     uint8_mode=self.uint8_mode)
 
   def predict_slices(self, slices: Iterable[np.ndarray], *, source: str = "hu"
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

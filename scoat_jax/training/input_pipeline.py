@@ -11,7 +11,9 @@ Config fields read from `data_cfg` (an ml_collections.ConfigDict, `config.data`)
   image_size        side S of the square slices fed to the model.
   fold, num_folds, fold_seed   k-fold split by case (data.folds.split_cases); fold -1
                     (or 'all'): every case trains, the validation split is empty.
-  hu_window         (lo, hi) HU mapped to [0, 1] (HU datasets; 8-bit ones use /255).
+  hu_window         (lo, hi) HU mapped to [0, 1] (HU datasets).
+  uint8_normalization  8-bit datasets: 'scale' (/255) or 'equalize' (each slice's
+                    own histogram; data.intensity).
   num_classes       1: mask = label > 0 (any opacity); 3: keep 0/1/2.
   augment           bool; when False the following four are ignored.
   flip              random left-right flip (p = 0.5).
@@ -49,6 +51,7 @@ import grain
 import numpy as np
 
 from scoat_jax.data import folds, preprocess
+from scoat_jax.data import intensity as intensity_lib
 from scoat_jax import datasets
 from scoat_jax.datasets import base as ds_base
 
@@ -178,6 +181,10 @@ class _SliceReader:
     self.window = tuple(float(v) for v in data_cfg.get("hu_window", (-1250.0, 250.0)))
     if len(self.window) != 2 or not self.window[0] < self.window[1]:
       raise PipelineError(f"config.data.hu_window={self.window} must be (lo, hi) with lo < hi")
+    self.uint8_mode = str(data_cfg.get("uint8_normalization", "scale"))
+    if self.uint8_mode not in intensity_lib.UINT8_MODES:
+      raise PipelineError(f"config.data.uint8_normalization={self.uint8_mode!r} must be one of "
+                          f"{intensity_lib.UINT8_MODES}")
     self.num_classes = int(_field(data_cfg, "num_classes"))
     if self.num_classes not in (1, 3):
       raise PipelineError(f"config.data.num_classes={self.num_classes} must be 1 (any opacity) "
@@ -204,7 +211,8 @@ class _SliceReader:
     ex = self.ds.source[int(record)]
     image, mask = preprocess.prepare_slice(
         ex["image"], ex["mask"], source=self.ds.intensity, window=self.window, size=self.size,
-        num_classes=self.num_classes, rng=rng if self.augment else None, aug=self.aug)
+        num_classes=self.num_classes, rng=rng if self.augment else None, aug=self.aug,
+        uint8_mode=self.uint8_mode)
     return image, mask, ex
 
   def voxel_volume_ml(self, ex) -> float:

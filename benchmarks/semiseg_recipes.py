@@ -1,0 +1,235 @@
+r"""The COVID-SemiSeg recipe search: training variants x inference variants, by cross-validation.
+
+    python benchmarks/semiseg_recipes.py --root=runs/search --variants=base,flips --folds=0-4
+    python benchmarks/semiseg_recipes.py --root=runs/search --variants=all --folds=0-4 --score_only
+
+Every training variant (VARIANTS) is `launch/semiseg_search.cfg` plus its own
+`--config.` overrides, trained fold by fold with `python -m scoat_jax.main`
+into `<root>/<variant>/fold<k>`; a finished fold is kept (not trained again)
+and its wall time is stored beside it (`train_seconds.txt`). Each fold's
+last checkpoint then predicts its own validation slices on their own grid,
+exactly as `predict` does, under each inference variant (INFERENCE): plain,
+left-right flip TTA, the heads averaged (deep-supervision models),
+post-processing chosen on the pooled folds' plain predictions as `export`
+chooses it (so its gain is measured on the slices it was chosen on), and
+(1-class models) P(opacity) brought back to the slice's grid by linear
+interpolation and thresholded there at 0.5 or 0.4 (`plain` takes the labels
+of the model's grid to the slice's by nearest neighbour).
+
+The table: mean Dice over a fold's validation slices (Inf-Net's protocol,
+any opacity), its mean +/- std over folds; the paper's six metrics averaged
+over every slice of the folds; for 3-class models the DSC of ground glass and
+of consolidation over the slices that show them; training minutes per fold.
+Markdown on stdout (`--json`: one JSON line per row).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLAGFILE = REPO / "launch" / "semiseg_search.cfg"
+NO_AUG = ["--config.data.rotate_degrees=0", "--config.data.scale_range=(1.0,1.0)",
+          "--config.data.intensity_jitter=0"]
+EQUALIZE = ["--config.data.uint8_normalization=equalize"]
+ONE_HEAD = ["--config.deep_supervision=none"]
+VARIANTS = {
+    "base": [],                                              # the defaults at the search budget
+    "flips": NO_AUG,                                         # flips only
+    "onehead": ONE_HEAD,                                     # trained on the last head only
+    "equalize": EQUALIZE,                                    # histogram-equalised 8-bit slices
+    "jitter0.3": ["--config.data.intensity_jitter=0.3"],     # stronger intensity jitter
+    "bce1": ["--config.loss_kwargs.alpha=1.0"],              # BCE weighted 1 (paper 0.5)
+    "size256": ["--config.data.image_size=256"],             # 4x the pixels
+    "epochs20": ["--config.num_epochs=20", "--config.decay_every_epochs=8",
+                 "--config.eval_every_epochs=20"],           # twice the steps
+    "3class": ["--config.num_classes=3", "--config.loss=ce_dice",
+               "--config.loss_kwargs.alpha=1.0"],            # GGO / consolidation apart
+}
+INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4")
+METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
+
+
+def parse_folds(text: str) -> list[int]:
+  out = []
+  for part in text.split(","):
+    lo, _, hi = part.partition("-")
+    out.extend(range(int(lo), int(hi or lo) + 1))
+  return out
+
+
+def train(root: pathlib.Path, variant: str, fold: int, extra: list[str]) -> float:
+  """Trains one fold unless done; returns its wall seconds."""
+  workdir = root / variant / f"fold{fold}"
+  stamp = workdir / "train_seconds.txt"
+  if stamp.exists():
+    return float(stamp.read_text())
+  cmd = [sys.executable, "-m", "scoat_jax.main", "--config=scoat_jax/configs/default.py",
+         f"--flagfile={FLAGFILE}", f"--config.data.fold={fold}", f"--workdir={workdir}",
+         *VARIANTS[variant], *extra]
+  print(f"# training {variant} fold {fold}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+  t0 = time.time()
+  subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+  seconds = time.time() - t0
+  stamp.write_text(f"{seconds:.1f}\n")
+  return seconds
+
+
+def validation_slices(model, data_dir):
+  """(stem, image, truth) of the fold's validation slices, from the model's own dataset."""
+  from scoat_jax.data import folds
+  from scoat_jax.datasets import base
+  data = model.config.data
+  ds = base.open_source(str(data.name), data_dir or data.get("data_dir") or None)
+  _, val_ids = folds.split_cases(ds.case_ids(), int(data.fold), int(data.num_folds),
+                                 int(data.fold_seed))
+  keep = set(val_ids)
+  for entry in (s for s in ds.scans if s.case_id in keep):
+    for r in range(entry.count):
+      rec = ds.source[entry.start + r]
+      yield entry.scan_id, np.asarray(rec["image"]), np.asarray(rec["mask"])
+
+
+def _class_dsc(pred, truth, k):
+  if not (truth == k).any():
+    return None
+  a, b = pred == k, truth == k
+  return 2 * float(np.count_nonzero(a & b)) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def score_variant(root: pathlib.Path, variant: str, folds: list[int], data_dir: str | None,
+                  inference: tuple[str, ...]) -> list[dict]:
+  from scoat_jax import models as models_lib
+  from scoat_jax.evaluation import metrics
+  from scoat_jax.inference import postprocessing
+  from scoat_jax.inference.loading import load_model
+  from scoat_jax.inference.predictor import Predictor
+  per_fold = {name: {} for name in inference}   # name -> fold -> [(stem, pred, truth)]
+  seconds, num_classes = [], 1
+  for fold in folds:
+    workdir = root / variant / f"fold{fold}"
+    seconds.append(float((workdir / "train_seconds.txt").read_text()))
+    model = load_model(workdir)
+    num_classes = model.num_classes
+    slices = list(validation_slices(model, data_dir))
+    images = [s[1] for s in slices]
+    heads = models_lib.has_heads(model.config.model_name) and (
+        models_lib.deep_supervision_mode(model.config) != "none")
+    plain = None
+    for name in inference:
+      if name == "pp" or name == "heads" and not heads:
+        continue
+      if name.startswith("p0."):
+        if num_classes == 1:
+          plain = plain or list(Predictor([model]).predict_slices(images, source="uint8"))
+          per_fold[name][fold] = [(s[0], (prob > float(name[1:])).astype(np.uint8), s[2])
+                                  for s, (_, prob) in zip(slices, plain)]
+        continue
+      m = model
+      if name == "heads":
+        config = model.config.copy_and_resolve_references()
+        config.predict_average_heads = True
+        m = dataclasses.replace(model, config=config)
+      predictor = Predictor([m], tta=name == "tta")
+      preds = [labels for labels, _ in predictor.predict_slices(images, source="uint8")]
+      per_fold[name][fold] = [(s[0], p, s[2]) for s, p in zip(slices, preds)]
+  rows = []
+  if "pp" in inference and "plain" in per_fold:
+    cases = [{"pred": p, "truth": t, "spacing_xyz": None, "lung": None}
+             for fold in folds for _, p, t in per_fold["plain"][fold]]
+    rule = postprocessing.choose(cases)
+    per_fold["pp"] = {fold: [(s, postprocessing.apply(p, rule)[0], t)
+                             for s, p, t in per_fold["plain"][fold]] for fold in folds}
+    pp_rule = postprocessing.describe(rule)
+  for name in inference:
+    if not per_fold.get(name):
+      continue
+    scored = {fold: [metrics.case_metrics(p > 0, t > 0) for _, p, t in per_fold[name][fold]]
+              for fold in folds}
+    fold_dsc = [float(np.mean([c["dsc"] for c in scored[f]])) for f in folds]
+    every = [c for f in folds for c in scored[f]]
+    row = {"variant": variant, "inference": name, "folds": len(folds),
+           "dsc_folds_mean": float(np.mean(fold_dsc)), "dsc_folds_std": float(np.std(fold_dsc)),
+           "dsc_per_fold": fold_dsc, "slices": len(every),
+           "train_minutes_per_fold": float(np.mean(seconds)) / 60}
+    row.update({k: float(np.mean([c[k] for c in every])) for k in METRICS})
+    if num_classes == 3:
+      for k, cls in ((1, "ggo"), (2, "consolidation")):
+        values = [d for f in folds for _, p, t in per_fold[name][f]
+                  if (d := _class_dsc(p, t, k)) is not None]
+        row[f"dsc_{cls}"], row[f"slices_{cls}"] = float(np.mean(values)), len(values)
+    if name == "pp":
+      row["rule"] = pp_rule
+    rows.append(row)
+  return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  head = ("| variant | inference | folds | mean Dice over folds | SEN | PPV | VA | RLP | RLR "
+          "| DSC GGO | DSC consolidation | train min/fold |")
+  out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    ggo = f"{r['dsc_ggo']:.3f}" if "dsc_ggo" in r else "-"
+    con = f"{r['dsc_consolidation']:.3f}" if "dsc_consolidation" in r else "-"
+    name = r["inference"] + (f" ({r['rule']})" if r.get("rule") else "")
+    out.append(f"| {r['variant']} | {name} | {r['folds']} | {r['dsc_folds_mean']:.3f} ± "
+               f"{r['dsc_folds_std']:.3f} | {r['sen']:.3f} | {r['ppv']:.3f} | {r['va']:.3f} | "
+               f"{r['rlp']:.3f} | {r['rlr']:.3f} | {ggo} | {con} | "
+               f"{r['train_minutes_per_fold']:.1f} |")
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--root", required=True, help="runs go to <root>/<variant>/fold<k>")
+  p.add_argument("--variants", default="base", help=f"comma-separated, or all: {', '.join(VARIANTS)}")
+  p.add_argument("--folds", default="0-4", help="e.g. 0-4 or 0,2")
+  p.add_argument("--inference", default=",".join(INFERENCE), help=f"subset of {INFERENCE}")
+  p.add_argument("--data_dir", default=None, help="where covid_semiseg is built (TFDS default)")
+  p.add_argument("--score_only", action="store_true", help="score finished folds, train none")
+  p.add_argument("--json", action="store_true", help="one JSON line per row instead of markdown")
+  p.add_argument("--extra", action="append", default=[],
+                 help="an extra --config. override for every run (repeatable)")
+  args = p.parse_args(argv)
+  names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+  inference = tuple(args.inference.split(","))
+  for n in names:
+    if n not in VARIANTS:
+      print(f"error: --variants: {n!r} is not one of {', '.join(VARIANTS)}", file=sys.stderr)
+      return 2
+  for n in inference:
+    if n not in INFERENCE:
+      print(f"error: --inference: {n!r} is not one of {', '.join(INFERENCE)}", file=sys.stderr)
+      return 2
+  root = pathlib.Path(args.root).expanduser().resolve()
+  folds = parse_folds(args.folds)
+  if not args.score_only:
+    for n in names:
+      for k in folds:
+        train(root, n, k, args.extra)
+  names = [n for n in names
+           if all((root / n / f"fold{k}" / "train_seconds.txt").exists() for k in folds)]
+  rows = [r for n in names for r in score_variant(root, n, folds, args.data_dir, inference)]
+  if args.json:
+    for r in rows:
+      print(json.dumps(r))
+  else:
+    print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; python benchmarks/semiseg_recipes.py "
+          + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
+    print(markdown(rows))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
