@@ -77,3 +77,48 @@ def test_lung_extent_benchmark_skips_only_slices_without_lung():
   assert 0 < skip["slices"] < 48 and skip["opacity_inside"] and skip["consolidation_inside"]
   # The untrained model labels the neck and abdomen too: skipping them only takes opacity away.
   assert skip["same_mask_inside"] and skip["lov_ml"] <= full["lov_ml"]
+
+
+def test_semiseg_recipe_search_trains_scores_and_refuses_bad_requests(tmp_path):
+  """One tiny fold end to end; its plain row's mean Dice equals the one recomputed here."""
+  from PIL import Image
+  import numpy as np
+  from scoat_jax.datasets import build
+  manual = tmp_path / "slices"
+  (manual / "Imgs").mkdir(parents=True)
+  (manual / "GT").mkdir()
+  rng = np.random.default_rng(0)
+  for k in range(6):
+    raw = rng.integers(0, 255, (36, 28 + 2 * k)).astype(np.uint8)
+    Image.fromarray(raw).save(manual / "Imgs" / f"{k}.png")
+    Image.fromarray((raw > 128).astype(np.uint8)).save(manual / "GT" / f"{k}.png")
+  data_dir = tmp_path / "tfds"
+  build.build("covid_semiseg", str(data_dir), str(manual))
+  extra = [f"--extra={e}" for e in (
+      f"--config.data.data_dir={data_dir}", "--config.data.num_folds=3",
+      "--config.data.image_size=32", "--config.model.widths=4,8,16,32,64", "--config.max_steps=2",
+      "--config.batch_size=2", "--config.cpu_weight_grad=taps")]
+  proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'runs'}", "--variants=base",
+                    "--folds=0", "--inference=plain,p0.5,pp", f"--data_dir={data_dir}", "--json",
+                    *extra)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = {r["inference"]: r for r in map(json.loads, proc.stdout.splitlines())}
+  assert set(rows) == {"plain", "p0.5", "pp"} and rows["plain"]["slices"] == 2
+  assert (tmp_path / "runs" / "base" / "fold0" / "train_seconds.txt").exists()
+  # The same fold's validation slices through the public API.
+  import scoat_jax
+  from scoat_jax.data import folds
+  _, val = folds.split_cases([str(k) for k in range(6)], 0, 3, 0)
+  model = scoat_jax.load(str(tmp_path / "runs" / "base" / "fold0"))
+  dsc = []
+  for stem in val:
+    raw = np.asarray(Image.open(manual / "Imgs" / f"{stem}.png"))
+    truth = raw > 128
+    pred = scoat_jax.segment(raw, model).labels > 0
+    dsc.append(2 * np.count_nonzero(pred & truth) / (np.count_nonzero(pred) + np.count_nonzero(truth)))
+  assert rows["plain"]["dsc_folds_mean"] == pytest.approx(np.mean(dsc), abs=1e-9)
+  for flags, message in ((("--variants=nope",), "--variants: 'nope'"),
+                         (("--inference=plain,max",), "--inference: 'max'")):
+    proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'bad'}", *flags)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}")
+    assert not (tmp_path / "bad").exists()
