@@ -13,7 +13,7 @@ left-right flip TTA, the heads averaged (deep-supervision models),
 post-processing chosen on the pooled folds' plain predictions as `export`
 chooses it (so its gain is measured on the slices it was chosen on), and
 (1-class models) P(opacity) brought back to the slice's grid by linear
-interpolation and thresholded there at 0.5 or 0.4 (`plain` takes the labels
+interpolation and thresholded there at 0.5, 0.4 or 0.3 (`plain` takes the labels
 of the model's grid to the slice's by nearest neighbour).
 
 The table: mean Dice over a fold's validation slices (Inf-Net's protocol,
@@ -56,7 +56,7 @@ VARIANTS = {
     "3class": ["--config.num_classes=3", "--config.loss=ce_dice",
                "--config.loss_kwargs.alpha=1.0"],            # GGO / consolidation apart
 }
-INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4")
+INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4", "p0.3")
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 
 

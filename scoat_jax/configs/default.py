@@ -56,6 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "float32"                 # or "bfloat16" (parameters stay float32).
   c.cpu_weight_grad = "auto"          # CPU only: auto | native (kernel) | taps (XLA dots) | xla.
   c.predict_average_heads = False     # (ours) inference uses the last head unless set.
+  # (ours) None: P(opacity) > 0.5 (argmax for 3 classes); a number t in (0, 1):
+  # opacity where P(opacity) > t, in validation and inference alike.
+  c.predict_threshold = ml_collections.FieldReference(None, field_type=float)
 
   # Loss: training.losses.get_loss(loss, **loss_kwargs).
   c.loss = loss or "bce_dice"         # mae | bce | dice | iou | focal | bce_dice (1 class); ce_dice (3).

@@ -33,11 +33,12 @@ def class_dsc(pred: np.ndarray, truth: np.ndarray, label: int) -> float:
 
 
 def make_predict_fn(apply_fn: Callable, *, num_classes: int, average_heads: bool,
-                    mesh) -> Callable:
+                    mesh, threshold: float | None = None) -> Callable:
   """A jitted `(variables, images) -> labels`, batch sharded over `mesh`."""
   def predict(variables, images):
     logits = apply_fn(variables, images, train=False)
-    return outputs.predict_labels(logits, num_classes=num_classes, average_heads=average_heads)
+    return outputs.predict_labels(logits, num_classes=num_classes, average_heads=average_heads,
+                                  threshold=threshold)
   return jax.jit(predict, in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
                  out_shardings=parallel.data_sharding(mesh))
 

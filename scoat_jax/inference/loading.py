@@ -34,6 +34,7 @@ from scoat_jax import checkpoints, models
 from scoat_jax.checkpoints import CheckpointError
 from scoat_jax.data.intensity import HU_WINDOW, check_uint8_mode
 from scoat_jax.inference import bundle
+from scoat_jax.models import outputs
 
 TORCH_SUFFIXES = (".pth", ".pt", ".npz")
 
@@ -81,6 +82,11 @@ class LoadedModel:
   def uint8_normalization(self) -> str:
     """How 8-bit slices are normalised for it: 'scale' or 'equalize' (`data.intensity`)."""
     return str(self.config.data.get("uint8_normalization", "scale"))
+
+  @property
+  def threshold(self) -> float | None:
+    """`config.predict_threshold`: None (0.5 / argmax) or the P(opacity) threshold."""
+    return outputs.check_threshold(self.config.get("predict_threshold"))
 
   @property
   def average_heads(self) -> bool:
@@ -144,6 +150,7 @@ def _build(source, config: ml_collections.ConfigDict) -> nn.Module:
     if len(window) != 2 or not window[0] < window[1]:
       raise ValueError(f"config.data.hu_window={window} is not (lo, hi) with lo < hi")
     check_uint8_mode(str(config.data.get("uint8_normalization", "scale")))
+    outputs.check_threshold(config.get("predict_threshold"))
     int(config.data.image_size)
   except (ValueError, AttributeError, KeyError, TypeError) as e:
     raise CheckpointError(f"{source}: its config does not describe a model this version can "
@@ -268,6 +275,7 @@ def load_ensemble(paths: Sequence[str | pathlib.Path], *,
                        ("HU window (config.data.hu_window)", m.hu_window, first.hu_window),
                        ("8-bit normalisation (config.data.uint8_normalization)",
                         m.uint8_normalization, first.uint8_normalization),
+                       ("threshold (config.predict_threshold)", m.threshold, first.threshold),
                        ("post-processing", m.postprocessing, first.postprocessing)):
       if a != b:
         raise CheckpointError(f"{m.step_dir}: its {what} is {a}, but {first.step_dir} has {b}; "

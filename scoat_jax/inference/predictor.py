@@ -25,7 +25,8 @@ left-right mirror (mirrored back), the flip used in training augmentation.
 Probabilities: one class -> sigmoid of the last head (or the mean of the four
 deep-supervision heads when `config.predict_average_heads`); three classes ->
 softmax. The returned probability map is P(any opacity): the sigmoid, or
-1 - P(background). Labels: p > 0.5 (one class) or the argmax (three).
+1 - P(background). Labels: p > 0.5 (one class) or the argmax (three), or
+P(opacity) > `config.predict_threshold` where a model sets one.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ SLICES_PER_ACCELERATOR = 8
 
 @functools.lru_cache(maxsize=16)
 def _forward_fn(models: tuple[nn.Module, ...], average_heads: tuple[bool, ...], num_classes: int,
-                tta: bool, mesh) -> Callable:
+                tta: bool, mesh, threshold: float | None = None) -> Callable:
   """A jitted `(variables tuple, images (B,S,S,1)) -> (labels uint8, P(opacity) float32)`.
 
   Cached, so every Predictor of the same models, options and devices shares
@@ -75,7 +76,7 @@ def _forward_fn(models: tuple[nn.Module, ...], average_heads: tuple[bool, ...], 
   def forward(variables, images):
     p = probs(variables, images)
     opacity = p[..., 0] if num_classes == 1 else 1.0 - p[..., 0]
-    return outputs.labels_from_probabilities(p), opacity
+    return outputs.labels_from_probabilities(p, threshold), opacity
 
   data = parallel.data_sharding(mesh)
   return jax.jit(forward, in_shardings=(parallel.replicated(mesh), data),
@@ -168,7 +169,7 @@ class Predictor:
                                      parallel.replicated(self.mesh))
     self._forward = _forward_fn(tuple(m.model for m in self.models),
                                 tuple(m.average_heads for m in self.models),
-                                self.num_classes, self.tta, self.mesh)
+                                self.num_classes, self.tta, self.mesh, first.threshold)
 
   def prepare(self, image: np.ndarray, source: str) -> np.ndarray:
     """One raw slice -> the (S, S) float32 network input, exactly as in training."""

@@ -21,6 +21,7 @@ from scoat_jax import checkpoints, models
 from scoat_jax.common import cli, parallel
 from scoat_jax.data import folds
 from scoat_jax.evaluation import validation
+from scoat_jax.models import outputs
 from scoat_jax.training import hooks, input_pipeline, optimization
 from scoat_jax.training.metrics_writer import MetricsWriter, summary_line
 from scoat_jax.training.schedule import paper_schedule
@@ -82,7 +83,8 @@ class Validator:
     self.batch_size = max(n, config.eval_batch_size // n * n)
     self.predict_fn = validation.make_predict_fn(
         model.apply, num_classes=config.num_classes,
-        average_heads=config.predict_average_heads, mesh=parallel.make_mesh(jax.local_devices()))
+        average_heads=config.predict_average_heads, mesh=parallel.make_mesh(jax.local_devices()),
+        threshold=outputs.check_threshold(config.get("predict_threshold")))
     self.case_ids = input_pipeline.eval_case_ids(config.data, split=split)
     if not self.case_ids:  # fold -1's validation split: nothing to average over
       raise NoValidationError(f"config.data.fold={config.data.fold} has no {split} cases; "
