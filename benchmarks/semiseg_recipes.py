@@ -12,9 +12,8 @@ exactly as `predict` does, under each inference variant (INFERENCE): plain,
 left-right flip TTA, the heads averaged (deep-supervision models),
 post-processing chosen on the pooled folds' plain predictions as `export`
 chooses it (so its gain is measured on the slices it was chosen on), and
-(1-class models) P(opacity) brought back to the slice's grid by linear
-interpolation and thresholded there at 0.5, 0.4 or 0.3 (`plain` takes the labels
-of the model's grid to the slice's by nearest neighbour).
+opacity where P(opacity) > 0.5, 0.4 or 0.3 (`config.predict_threshold`; `plain`
+is 0.5, or the argmax of 3-class models).
 
 The table: mean Dice over a fold's validation slices (Inf-Net's protocol,
 any opacity), its mean +/- std over folds; the paper's six metrics averaged
@@ -125,20 +124,16 @@ def score_variant(root: pathlib.Path, variant: str, folds: list[int], data_dir: 
     images = [s[1] for s in slices]
     heads = models_lib.has_heads(model.config.model_name) and (
         models_lib.deep_supervision_mode(model.config) != "none")
-    plain = None
     for name in inference:
       if name == "pp" or name == "heads" and not heads:
         continue
-      if name.startswith("p0."):
-        if num_classes == 1:
-          plain = plain or list(Predictor([model]).predict_slices(images, source="uint8"))
-          per_fold[name][fold] = [(s[0], (prob > float(name[1:])).astype(np.uint8), s[2])
-                                  for s, (_, prob) in zip(slices, plain)]
-        continue
       m = model
-      if name == "heads":
+      if name == "heads" or name.startswith("p0."):
         config = model.config.copy_and_resolve_references()
-        config.predict_average_heads = True
+        if name == "heads":
+          config.predict_average_heads = True
+        else:
+          config.predict_threshold = float(name[1:])
         m = dataclasses.replace(model, config=config)
       predictor = Predictor([m], tta=name == "tta")
       preds = [labels for labels, _ in predictor.predict_slices(images, source="uint8")]

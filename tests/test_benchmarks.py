@@ -117,6 +117,7 @@ def test_semiseg_recipe_search_trains_scores_and_refuses_bad_requests(tmp_path):
     pred = scoat_jax.segment(raw, model).labels > 0
     dsc.append(2 * np.count_nonzero(pred & truth) / (np.count_nonzero(pred) + np.count_nonzero(truth)))
   assert rows["plain"]["dsc_folds_mean"] == pytest.approx(np.mean(dsc), abs=1e-9)
+  assert rows["p0.5"]["dsc_folds_mean"] == rows["plain"]["dsc_folds_mean"]   # 0.5 is the default
   for flags, message in ((("--variants=nope",), "--variants: 'nope'"),
                          (("--inference=plain,max",), "--inference: 'max'")):
     proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'bad'}", *flags)
