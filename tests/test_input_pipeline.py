@@ -235,3 +235,8 @@ def test_uint8_normalization_reaches_training_and_inference(tmp_path):
   with pytest.raises(ip.PipelineError, match="uint8_normalization='clahe'"):
     next(ip.eval_batches(_cfg(data_dir, name="covid_semiseg", uint8_normalization="clahe"),
                          split="all", batch_size=3))
+
+
+def test_bad_gamma_range_is_refused(data_dir):
+  with pytest.raises(ip.PipelineError, match=r"config.data.gamma_range=\(0.0, 2.0\) needs 0 < lo"):
+    next(ip.train_batches(_cfg(data_dir, gamma_range=(0.0, 2.0)), global_batch_size=2, seed=0))

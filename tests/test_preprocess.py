@@ -75,3 +75,23 @@ def test_unwarp_inverts_the_training_letterbox(shape, size):
   # 'constant' mode), so the slice's border is compared apart.
   np.testing.assert_array_equal(back[1:-1, 1:-1], labels[1:-1, 1:-1])
   assert np.mean(back == labels) > 0.9
+
+
+def test_gamma_augmentation_hand_values():
+  """gamma_range (g, g) raises the normalised image to g; (1, 1) leaves the stream as before."""
+  img = np.arange(32 * 32, dtype=np.int64).reshape(32, 32) % 256
+  img = img.astype(np.uint8)
+  still = {"flip": False, "rotate_degrees": 0.0, "scale_range": (1.0, 1.0), "intensity_jitter": 0.0}
+  def prep(aug, seed=3):
+    return preprocess.prepare_slice(img, np.zeros_like(img), source="uint8", window=(-1250, 250),
+                                    size=32, num_classes=1, rng=np.random.default_rng(seed),
+                                    aug=aug)[0]
+  np.testing.assert_allclose(prep({**still, "gamma_range": (2.0, 2.0)}), (img / 255.0) ** 2,
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(prep({**still, "gamma_range": (1.0, 1.0)}),
+                                (img / np.float32(255)).astype(np.float32))
+  # Log-uniform gamma within the range: every pixel between the two extremes.
+  out = prep({**still, "gamma_range": (0.5, 2.0)})
+  x = img / 255.0
+  assert np.all(out >= x ** 2 - 1e-6) and np.all(out <= x ** 0.5 + 1e-6)
+  assert not np.allclose(out, x, atol=1e-3)

@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.rotate_degrees = 10.0        # (ours) augmentation strengths.
   c.data.scale_range = (0.9, 1.1)
   c.data.intensity_jitter = 0.1
+  c.data.gamma_range = (1.0, 1.0)     # (ours) image ** gamma, log-uniform; (1, 1): off.
   c.data.worker_count = 2
   c.data.slices = "all"
 

@@ -70,7 +70,7 @@ def prepare_slice(image: np.ndarray, mask: np.ndarray, *, source: str, window, s
     size: output side S.
     num_classes: 1 (mask > 0) or 3 (labels kept).
     rng: augmentation randomness; None means no augmentation.
-    aug: flip, rotate_degrees, scale_range, intensity_jitter (used with rng).
+    aug: flip, rotate_degrees, scale_range, intensity_jitter, gamma_range (used with rng).
     uint8_mode: how 8-bit slices are normalised (`intensity.UINT8_MODES`).
 
   Returns:
@@ -81,13 +81,18 @@ def prepare_slice(image: np.ndarray, mask: np.ndarray, *, source: str, window, s
   flip, angle, scale = False, 0.0, 1.0
   if rng is not None:
     aug = aug or {}
-    # Draw every parameter every time so each stream has a fixed layout.
-    u = rng.random(5)
+    # Draw every parameter every time so each stream has a fixed layout (the
+    # gamma's draw came last, so the first five are those of earlier versions).
+    u = rng.random(6)
     flip = bool(aug.get("flip", False)) and u[0] < 0.5
     deg = float(aug.get("rotate_degrees", 0.0))
     angle = (2 * u[1] - 1) * deg
     lo, hi = aug.get("scale_range", (1.0, 1.0))
     scale = lo + (hi - lo) * u[2]
+    g_lo, g_hi = aug.get("gamma_range", (1.0, 1.0))
+    if (g_lo, g_hi) != (1.0, 1.0):
+      # x -> x^gamma, log-uniform gamma: a darker or brighter export window.
+      img = img ** np.float32(math.exp(math.log(g_lo) + (math.log(g_hi) - math.log(g_lo)) * u[5]))
     j = float(aug.get("intensity_jitter", 0.0))
     if j > 0:
       # Before the warp, so that letterbox padding stays exactly 0.

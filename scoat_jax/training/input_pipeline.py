@@ -19,6 +19,8 @@ Config fields read from `data_cfg` (an ml_collections.ConfigDict, `config.data`)
   flip              random left-right flip (p = 0.5).
   rotate_degrees    rotation uniform in [-d, d].
   scale_range       (lo, hi) zoom factor, uniform.
+  gamma_range       (lo, hi): image ** gamma, log-uniform in [lo, hi] (an export
+                    window's brightness), before the jitter; (1, 1) leaves it.
   intensity_jitter  j: image * U(1-j, 1+j) + U(-j, j), clipped to [0, 1].
   worker_count      grain worker processes (0: everything in the calling thread).
   slices            'all' | 'opacity' | 'lung': which training slices to use
@@ -204,8 +206,12 @@ class _SliceReader:
         raise PipelineError(f"config.data.intensity_jitter={jitter} must be in [0, 1)")
       if degrees < 0:
         raise PipelineError(f"config.data.rotate_degrees={degrees} must be >= 0")
+      g_lo, g_hi = (float(v) for v in data_cfg.get("gamma_range", (1.0, 1.0)))
+      if not 0 < g_lo <= g_hi:
+        raise PipelineError(f"config.data.gamma_range=({g_lo}, {g_hi}) needs 0 < lo <= hi")
       self.aug = {"flip": bool(data_cfg.get("flip", False)), "rotate_degrees": degrees,
-                  "scale_range": (lo, hi), "intensity_jitter": jitter}
+                  "scale_range": (lo, hi), "intensity_jitter": jitter,
+                  "gamma_range": (g_lo, g_hi)}
 
   def read(self, record: int, rng: np.random.Generator | None):
     ex = self.ds.source[int(record)]
