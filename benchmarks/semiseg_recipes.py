@@ -47,6 +47,7 @@ VARIANTS = {
     "flips": NO_AUG,                                         # flips only
     "onehead": ONE_HEAD,                                     # trained on the last head only
     "equalize": EQUALIZE,                                    # histogram-equalised 8-bit slices
+    "gamma": ["--config.data.gamma_range=(0.5,2.0)"],        # random export-window gamma
     "jitter0.3": ["--config.data.intensity_jitter=0.3"],     # stronger intensity jitter
     "bce1": ["--config.loss_kwargs.alpha=1.0"],              # BCE weighted 1 (paper 0.5)
     "size256": ["--config.data.image_size=256"],             # 4x the pixels
