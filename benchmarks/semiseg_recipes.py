@@ -46,6 +46,7 @@ VARIANTS = {
     "base": [],                                              # the defaults at the search budget
     "flips": NO_AUG,                                         # flips only
     "onehead": ONE_HEAD,                                     # trained on the last head only
+    "onehead_flips": ONE_HEAD + NO_AUG,                      # both
     "equalize": EQUALIZE,                                    # histogram-equalised 8-bit slices
     "gamma": ["--config.data.gamma_range=(0.5,2.0)"],        # random export-window gamma
     "jitter0.3": ["--config.data.intensity_jitter=0.3"],     # stronger intensity jitter

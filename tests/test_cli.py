@@ -76,3 +76,29 @@ def test_library_info_lines_are_hidden_unless_asked(tmp_path):
   assert quiet.returncode == 0, quiet.stderr[-2000:]
   assert "dataset_info" not in quiet.stderr and "Downloading and preparing" not in quiet.stderr
   assert "read it as data.name='ct_phantom/small'" in quiet.stdout
+
+
+@pytest.mark.parametrize("flagfile", ["semiseg_all.cfg", "semiseg_all_gpu.cfg", "semiseg_cpu.cfg",
+                                      "semiseg_search.cfg", "semiseg_fold0.cfg"])
+def test_semiseg_flagfiles_parse_and_ask_for_the_dataset(tmp_path, flagfile):
+  """Every field they set exists; without the built dataset main says how to build it."""
+  workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
+  lines = (ROOT / "launch" / flagfile).read_text().splitlines()
+  config = [] if any(l.startswith("--config=") for l in lines) else [
+      "--config=scoat_jax/configs/default.py"]
+  proc = _run("scoat_jax.main", *config, f"--flagfile=launch/{flagfile}",
+              f"--config.data.data_dir={data_dir}", f"--workdir={workdir}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and proc.stderr.strip().endswith(errors[0]), proc.stderr[-2000:]
+  assert "python -m scoat_jax.datasets.build covid_semiseg --manual_dir=" in errors[0]
+  assert not workdir.exists() and not data_dir.exists()
+
+
+def test_semiseg_cv_flagfile_plans_five_folds(tmp_path):
+  proc = _run("scoat_jax.sweep", "--flagfile=launch/semiseg_cv.cfg", "--folds=0-4",
+              f"--root={tmp_path / 'cv'}", "--emit=commands")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 5 and all("--config.deep_supervision=none" in l for l in lines)
+  assert [f"--config.data.fold={k}" in lines[k] for k in range(5)] == [True] * 5
