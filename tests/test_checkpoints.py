@@ -72,3 +72,25 @@ def test_loss_config_argument_gives_that_losses_options():
   assert dict(default.get_config().loss_kwargs) == {"alpha": 0.5}
   focal = default.get_config("focal")
   assert focal.loss == "focal" and dict(focal.loss_kwargs) == {"gamma": 2.0, "alpha": 0.25}
+
+
+def test_a_workdir_from_before_the_newer_fields_resumes(tmp_path):
+  """Fields added within schema 3 are filled with the values that keep the old behaviour."""
+  config = default.get_config()
+  config.data.name = "covid_semiseg"
+  stored = json.loads(config.to_json())
+  for path in configs.ADDED_IN_VERSION_3:
+    parent = stored
+    for key in path[:-1]:
+      parent = parent[key]
+    del parent[path[-1]]
+  upgraded = configs.upgrade(stored)
+  assert upgraded["data"]["uint8_normalization"] == "scale"
+  assert upgraded["data"]["gamma_range"] == [1.0, 1.0] and upgraded["predict_threshold"] is None
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(stored))
+  checkpoints.check_workdir(workdir, config)   # the same run: accepted
+  config.data.uint8_normalization = "equalize"
+  with pytest.raises(checkpoints.CheckpointError, match="uint8_normalization"):
+    checkpoints.check_workdir(workdir, config)

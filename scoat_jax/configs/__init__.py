@@ -16,6 +16,15 @@ from typing import Any
 # fast_cpu_grad, loss_alpha.
 CONFIG_VERSION = 3
 
+# Fields added within version 3, with the value that reproduces what a config
+# written before them did: `upgrade` fills them in, so such a run still loads,
+# predicts as before and resumes (its workdir is not "another config").
+ADDED_IN_VERSION_3 = {
+    ("data", "uint8_normalization"): "scale",
+    ("data", "gamma_range"): [1.0, 1.0],
+    ("predict_threshold",): None,
+}
+
 
 class ConfigVersionError(ValueError):
   """A stored config from a newer schema than this version reads."""
@@ -27,7 +36,8 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
   Version-1 configs map field by field: `model` (a name) -> `model_name`,
   `widths` -> `model.widths` (with `model.num_classes`), `fast_cpu_grad`
   True/False -> `cpu_weight_grad` 'auto'/'xla', and `loss_alpha` ->
-  `loss_kwargs.alpha` for 'bce_dice' (the only loss it was passed to).
+  `loss_kwargs.alpha` for 'bce_dice' (the only loss it was passed to). Fields
+  added since (ADDED_IN_VERSION_3) get the value that keeps the old behaviour.
 
   Raises:
     ConfigVersionError: the config is from a newer schema.
@@ -54,4 +64,12 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
   if version == 2:
     version = 3  # every version-2 config is a valid version-3 one
   config["config_version"] = version
+  for path, value in ADDED_IN_VERSION_3.items():
+    parent = config
+    for key in path[:-1]:
+      parent = parent.get(key)
+      if not isinstance(parent, dict):
+        break
+    else:
+      parent.setdefault(path[-1], copy.deepcopy(value))
   return config
