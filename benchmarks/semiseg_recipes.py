@@ -57,6 +57,7 @@ VARIANTS = {
     "3class": ["--config.num_classes=3", "--config.loss=ce_dice",
                "--config.loss_kwargs.alpha=1.0"],            # GGO / consolidation apart
 }
+VARIANTS["onehead_3class"] = ONE_HEAD + VARIANTS["3class"]  # the chosen recipe, 3 classes
 INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4", "p0.3")
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 

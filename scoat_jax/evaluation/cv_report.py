@@ -332,7 +332,7 @@ def markdown(summary: list[dict], groups: dict[str, list[Run]], *,
     for row in summary:
       lines.append(f"| {row['model']} | {_fmt(row['params'], ',')} | "
                    f"{_fmt(row['gflops'], '.2f')} | {_fmt(row['forward_ms'], '.1f')} |")
-  lines += ["", "## Runs", "", "| Model / loss | Workdir | Fold | Best step | Cases | DSC |",
+  lines += ["", "## Runs", "", "| Model / loss | Workdir | Fold | Step scored | Cases | DSC |",
             "|---|---|---:|---:|---:|---:|"]
   for label, members in groups.items():
     for r in members:
