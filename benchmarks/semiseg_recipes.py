@@ -89,30 +89,18 @@ def train(root: pathlib.Path, variant: str, fold: int, extra: list[str]) -> floa
 
 def validation_slices(model, data_dir):
   """(stem, image, truth) of the fold's validation slices, from the model's own dataset."""
-  from scoat_jax.data import folds
-  from scoat_jax.datasets import base
-  data = model.config.data
-  ds = base.open_source(str(data.name), data_dir or data.get("data_dir") or None)
-  _, val_ids = folds.split_cases(ds.case_ids(), int(data.fold), int(data.num_folds),
-                                 int(data.fold_seed))
-  keep = set(val_ids)
-  for entry in (s for s in ds.scans if s.case_id in keep):
+  from scoat_jax.inference import export
+  ds, entries = export.validation_scans(model, data_dir=data_dir)
+  for entry in entries:
     for r in range(entry.count):
       rec = ds.source[entry.start + r]
       yield entry.scan_id, np.asarray(rec["image"]), np.asarray(rec["mask"])
 
 
-def _class_dsc(pred, truth, k):
-  if not (truth == k).any():
-    return None
-  a, b = pred == k, truth == k
-  return 2 * float(np.count_nonzero(a & b)) / (np.count_nonzero(a) + np.count_nonzero(b))
-
-
 def score_variant(root: pathlib.Path, variant: str, folds: list[int], data_dir: str | None,
                   inference: tuple[str, ...]) -> list[dict]:
   from scoat_jax import models as models_lib
-  from scoat_jax.evaluation import metrics
+  from scoat_jax.evaluation import metrics, validation
   from scoat_jax.inference import postprocessing
   from scoat_jax.inference.loading import load_model
   from scoat_jax.inference.predictor import Predictor
@@ -125,8 +113,7 @@ def score_variant(root: pathlib.Path, variant: str, folds: list[int], data_dir: 
     num_classes = model.num_classes
     slices = list(validation_slices(model, data_dir))
     images = [s[1] for s in slices]
-    heads = models_lib.has_heads(model.config.model_name) and (
-        models_lib.deep_supervision_mode(model.config) != "none")
+    heads = models_lib.deep_supervision_mode(model.config) != "none"
     for name in inference:
       if name == "pp" or name == "heads" and not heads:
         continue
@@ -163,8 +150,9 @@ def score_variant(root: pathlib.Path, variant: str, folds: list[int], data_dir: 
     row.update({k: float(np.mean([c[k] for c in every])) for k in METRICS})
     if num_classes == 3:
       for k, cls in ((1, "ggo"), (2, "consolidation")):
-        values = [d for f in folds for _, p, t in per_fold[name][f]
-                  if (d := _class_dsc(p, t, k)) is not None]
+        # Over the slices whose truth shows the class.
+        values = [validation.class_dsc(p, t, k) for f in folds for _, p, t in per_fold[name][f]
+                  if (t == k).any()]
         row[f"dsc_{cls}"], row[f"slices_{cls}"] = float(np.mean(values)), len(values)
     if name == "pp":
       row["rule"] = pp_rule

@@ -126,6 +126,12 @@ def _check_case(workdir: pathlib.Path, step_dir: pathlib.Path, i: int, case) -> 
 AT = ("best", "last")
 
 
+def _check_at(at: str) -> None:
+  if at not in AT:
+    raise ReportError(f"--at={at}: choose best (highest validation DSC) or last (the latest "
+                      "evaluated checkpoint).")
+
+
 def _last_evaluated(workdir: pathlib.Path) -> pathlib.Path:
   steps = sorted((d for d in (workdir / "checkpoints").glob("*") if d.name.isdigit()),
                  key=lambda d: int(d.name), reverse=True)
@@ -157,9 +163,7 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None, at: str = "b
     raise ReportError(f"{workdir}: trained with data.fold=-1 on every case, so it has no "
                       "validation metrics; leave it out of --workdirs and report the runs of "
                       "folds 0..k-1.")
-  if at not in AT:
-    raise ReportError(f"--at={at}: choose best (highest validation DSC) or last (the latest "
-                      "evaluated checkpoint).")
+  _check_at(at)
   if at == "last":
     step_dir = _last_evaluated(workdir)
   else:
@@ -406,9 +410,7 @@ def run(workdirs: Sequence[str], output: str, *, labels: Sequence[str] = (),
   if existing and not overwrite:
     raise ReportError(f"--output={output}: holds an earlier report ({existing[0]}); choose a new "
                       "folder or pass --overwrite.")
-  if at not in AT:
-    raise ReportError(f"--at={at}: choose best (highest validation DSC) or last (the latest "
-                      "evaluated checkpoint).")
+  _check_at(at)
   runs = [load_run(w, labels[i] if labels else None, at=at) for i, w in enumerate(paths)]
   groups = group_runs(runs)
   reference = reference_label(groups, reference)

@@ -55,12 +55,11 @@ def provenance(m: LoadedModel) -> dict:
           "validation": validation, "validation_cases": len(per_case)}
 
 
-def validation_cases(m: LoadedModel, *, data_dir: str | None = None,
-                     progress=None) -> Iterator[dict]:
-  """The member's own validation cases, predicted as `predict` does (no post-processing).
+def validation_scans(m: LoadedModel, *, data_dir: str | None = None):
+  """The dataset the member trained on and the scans of its own validation fold.
 
-  Yields per case {'case_id', 'pred', 'truth', 'spacing_xyz' (None for 8-bit
-  slices), 'lung' (None for 8-bit slices)}.
+  Returns:
+    (dataset, [ScanEntry of each validation case, in dataset order]).
 
   Raises:
     ExportError: a member trained on all cases, or its dataset not built here.
@@ -81,8 +80,22 @@ def validation_cases(m: LoadedModel, *, data_dir: str | None = None,
                       "--postprocessing=none.") from None
   _, val_ids = folds.split_cases(ds.case_ids(), fold, int(data.num_folds), int(data.fold_seed))
   keep = set(val_ids)
+  return ds, [s for s in ds.scans if s.case_id in keep]
+
+
+def validation_cases(m: LoadedModel, *, data_dir: str | None = None,
+                     progress=None) -> Iterator[dict]:
+  """The member's own validation cases, predicted as `predict` does (no post-processing).
+
+  Yields per case {'case_id', 'pred', 'truth', 'spacing_xyz' (None for 8-bit
+  slices), 'lung' (None for 8-bit slices)}.
+
+  Raises:
+    ExportError: a member trained on all cases, or its dataset not built here.
+  """
+  ds, entries = validation_scans(m, data_dir=data_dir)
   predictor = Predictor([m])
-  for entry in (s for s in ds.scans if s.case_id in keep):
+  for entry in entries:
     records = [ds.source[entry.start + r] for r in range(entry.count)]
     truth = np.stack([np.asarray(r["mask"]) for r in records])
     images = [np.asarray(r["image"]) for r in records]

@@ -15,7 +15,7 @@ Config fields read from `data_cfg` (an ml_collections.ConfigDict, `config.data`)
   uint8_normalization  8-bit datasets: 'scale' (/255) or 'equalize' (each slice's
                     own histogram; data.intensity).
   num_classes       1: mask = label > 0 (any opacity); 3: keep 0/1/2.
-  augment           bool; when False the following four are ignored.
+  augment           bool; when False the following five are ignored.
   flip              random left-right flip (p = 0.5).
   rotate_degrees    rotation uniform in [-d, d].
   scale_range       (lo, hi) zoom factor, uniform.
@@ -183,10 +183,11 @@ class _SliceReader:
     self.window = tuple(float(v) for v in data_cfg.get("hu_window", (-1250.0, 250.0)))
     if len(self.window) != 2 or not self.window[0] < self.window[1]:
       raise PipelineError(f"config.data.hu_window={self.window} must be (lo, hi) with lo < hi")
-    self.uint8_mode = str(data_cfg.get("uint8_normalization", "scale"))
-    if self.uint8_mode not in intensity_lib.UINT8_MODES:
-      raise PipelineError(f"config.data.uint8_normalization={self.uint8_mode!r} must be one of "
-                          f"{intensity_lib.UINT8_MODES}")
+    try:
+      self.uint8_mode = intensity_lib.check_uint8_mode(
+          str(data_cfg.get("uint8_normalization", "scale")))
+    except intensity_lib.IntensityError as e:
+      raise PipelineError(f"config.data.{e}") from None
     self.num_classes = int(_field(data_cfg, "num_classes"))
     if self.num_classes not in (1, 3):
       raise PipelineError(f"config.data.num_classes={self.num_classes} must be 1 (any opacity) "
