@@ -1,8 +1,9 @@
 """`python -m scoat_jax.evaluate` and the surface metrics behind it, on hand-made masks.
 
 Every expected number is worked out by hand in the comments beside it; the
-random-mask tests compare with a brute-force enumeration of faces and
-all-pairs distances written independently here.
+random-mask tests compare with a brute-force enumeration of surface voxels
+and all-pairs distances written independently here (the surfel surface Dice
+is held to DeepMind's package in test_surface_dice.py).
 """
 import csv
 import itertools
@@ -89,22 +90,32 @@ def test_the_two_hd95_conventions_differ():
   assert surface.hd95_pooled(s1, s2) == pytest.approx(math.sqrt(32))
 
 
-def test_surface_dice_is_the_share_of_face_length_within_tolerance():
+def test_surface_dice_is_the_share_of_surfel_length_within_tolerance():
   a, b = lines_case()
-  # Faces (unit length each): A has 30 above, 30 below and 2 ends = 62; B has
-  # those and the stray segment's 3 + 3 + 2 = 8, 70 in all. All of A's faces
-  # are B's. The stray segment's top faces are 3 from A's bottom faces, its
-  # bottom faces 4, its end faces sqrt(3.5^2 + 0.5^2) ~ 3.54.
-  # Tolerance 1: (62 + 62) / (62 + 70) = 31/33; tolerance 3 adds the 3 top
-  # faces (exactly at the tolerance, which counts): 127/132; 3.6 the 2 end
-  # faces too: 129/132; 4 the bottom faces (exactly at it): all, 1.
-  assert surface.surface_dice(a, b, 1.0) == pytest.approx(31 / 33, abs=1e-12)
-  assert surface.surface_dice(a, b, 2.9) == pytest.approx(31 / 33, abs=1e-12)
-  assert surface.surface_dice(a, b, 3.0) == pytest.approx(127 / 132, abs=1e-12)
-  assert surface.surface_dice(a, b, 3.6) == pytest.approx(129 / 132, abs=1e-12)
+  # Surfels (DeepMind's): corner points whose 2x2 pixels are mixed, weighted by
+  # the marching-squares length inside them. A (row 0, cols 0..29) has the
+  # corner rows above and below it, cols 0..30: 29 straight unit lengths and
+  # two end cells cutting a corner diagonally (sqrt(2)/2 each) per row, 58 +
+  # 2 sqrt(2) in all. B adds the stray segment's corner rows 4 and 5, cols
+  # 0..3: 2 + sqrt(2) each. A's corners are B's (distance 0); the stray rows
+  # are 3 and 4 from A's corner row 1.
+  # Tolerance 1: 2 (58 + 2 s) / (2 (58 + 2 s) + 4 + 2 s) = (116 + 4 s) / (120 + 6 s);
+  # 3 adds corner row 4 (exactly at the tolerance, which counts): (118 + 5 s) /
+  # (120 + 6 s); 4 adds row 5: 1.
+  s = math.sqrt(2)
+  assert surface.surface_dice(a, b, 1.0) == pytest.approx((116 + 4 * s) / (120 + 6 * s), abs=1e-12)
+  assert surface.surface_dice(a, b, 2.9) == pytest.approx((116 + 4 * s) / (120 + 6 * s), abs=1e-12)
+  assert surface.surface_dice(a, b, 3.0) == pytest.approx((118 + 5 * s) / (120 + 6 * s), abs=1e-12)
+  assert surface.surface_dice(a, b, 3.9) == pytest.approx((118 + 5 * s) / (120 + 6 * s), abs=1e-12)
   assert surface.surface_dice(a, b, 4.0) == pytest.approx(1.0, abs=1e-12)
   # Unweighted surface pixels (MONAI's default): 30 + 30 near, of 30 + 33.
   assert surface.surface_dice(a, b, 1.0, weighting="voxels") == pytest.approx(20 / 21, abs=1e-12)
+  # With 2.5 mm rows and 0.7 mm columns the straight lengths are 0.7 and the
+  # diagonals sqrt(2.5^2 + 0.7^2) / 2 (d); the stray rows are 7.5 and 10 mm away.
+  d = math.hypot(2.5, 0.7) / 2
+  a_len, stray = 2 * (29 * 0.7 + 2 * d), 2 * (2 * 0.7 + 2 * d)
+  assert surface.surface_dice(a, b, 7.4, (2.5, 0.7)) == pytest.approx(
+      2 * a_len / (2 * a_len + stray), abs=1e-12)
 
 
 def test_anisotropic_box_by_hand():
@@ -118,15 +129,8 @@ def test_anisotropic_box_by_hand():
   # 58 values (44 zeros, two 0.5, twelve 3), position 54.15 -> 3.
   assert surface.hd95_max_directed(a, b, spacing) == pytest.approx(3.0)
   assert surface.hd95_pooled(a, b, spacing) == pytest.approx(3.0)
-  # Face areas: z-faces 0.5 x 1 = 0.5, y-faces 3 x 1 = 3, x-faces 3 x 0.5 = 1.5
-  # mm^2. B: 24 z-faces (12) + 12 y-faces (36) + 16 x-faces (24) = 72. A: 24
-  # z-faces (12) + 18 y-faces (54) + 24 x-faces (36) = 102. Within 1 mm: the
-  # shared faces, B's bottom and the sides of slices 1-2: 6 + 36 + 24 = 66 of
-  # each. A's top is 3 mm above B's top; the new slice's sides are >= 1.52 mm
-  # from B's faces; B's top faces are >= 1.68 mm from A's (sqrt(1.5^2 +
-  # 0.75^2)). Surface Dice at 1 mm: 132 / 174 = 22/29. At 3 mm everything is
-  # within (A's top faces exactly at 3): 1.
-  assert surface.surface_dice(a, b, 1.0, spacing) == pytest.approx(22 / 29, abs=1e-12)
+  # Surface Dice (surfels) on this box: tests/test_surface_dice.py, against
+  # DeepMind's package. At 3 mm every surfel is within (A's top 3 mm above B's).
   assert surface.surface_dice(a, b, 3.0, spacing) == pytest.approx(1.0, abs=1e-12)
   # The same spacing reversed (x 3 mm, z 1 mm) is another geometry: the extra
   # slice is 1 mm away.
@@ -147,28 +151,10 @@ def test_empty_masks(shape):
   with pytest.raises(ValueError, match="tolerance"):
     surface.surface_dice(full, full, -1.0)
   with pytest.raises(ValueError, match="weighting"):
-    surface.surface_dice(full, full, 1.0, weighting="surfels")
+    surface.surface_dice(full, full, 1.0, weighting="area")
 
 
 # --- Brute force on random masks. ---
-
-def brute_faces(mask, spacing):
-  """Every (voxel, direction) whose neighbour is outside: the face centre and its area."""
-  centres, areas = [], []
-  for v in itertools.product(*map(range, mask.shape)):
-    if not mask[v]:
-      continue
-    for axis, step in itertools.product(range(mask.ndim), (-1, 1)):
-      w = list(v)
-      w[axis] += step
-      if 0 <= w[axis] < mask.shape[axis] and mask[tuple(w)]:
-        continue
-      c = np.array(v, float)
-      c[axis] += 0.5 * step
-      centres.append(c * spacing)
-      areas.append(np.prod([s for k, s in enumerate(spacing) if k != axis]))
-  return np.array(centres), np.array(areas)
-
 
 def brute_surface_voxels(mask, spacing):
   inside = np.pad(mask, 1)
@@ -196,11 +182,6 @@ def test_match_brute_force(shape, spacing, seed, tol):
   b[tuple(slice(2, s) for s in shape)] = True      # touches the far border
   a &= rng.random(shape) < 0.85
   b |= rng.random(shape) < 0.05
-  fa, wa = brute_faces(a, spacing)
-  fb, wb = brute_faces(b, spacing)
-  want = ((wa * (all_pairs_min(fa, fb) <= tol)).sum()
-          + (wb * (all_pairs_min(fb, fa) <= tol)).sum()) / (wa.sum() + wb.sum())
-  assert surface.surface_dice(a, b, tol, spacing) == pytest.approx(want, rel=1e-12)
   va, vb = brute_surface_voxels(a, spacing), brute_surface_voxels(b, spacing)
   ab, ba = all_pairs_min(va, vb), all_pairs_min(vb, va)
   assert surface.hd95_max_directed(a, b, spacing) == pytest.approx(
@@ -226,7 +207,8 @@ def test_3d_nifti_with_anisotropic_spacing(tmp_path, caplog):
   # region each, A's centre (its first voxel 1 mm from the boundary: slice 1,
   # row 3, col 2) lies in B: RLP = RLR = 1. Distances: test_anisotropic_box.
   want = {"dsc": 0.8, "sen": 1.0, "ppv": 2 / 3, "va": 0.8, "rlp": 1.0, "rlr": 1.0,
-          "hd95_pooled_mm": 3.0, "hd95_max_directed_mm": 3.0, "surface_dice": 22 / 29,
+          "hd95_pooled_mm": 3.0, "hd95_max_directed_mm": 3.0,
+          "surface_dice": surface.surface_dice(a, b, 1.0, (3.0, 0.5, 1.0)),
           "pred_voxels": 36, "true_voxels": 24}
   for key, value in want.items():
     assert float(row[key]) == pytest.approx(value, abs=1e-12), key
@@ -298,6 +280,14 @@ def test_png_reading_rules(tmp_path):
   png(tmp_path / "soft.png", np.arange(36).reshape(6, 6) * 7)   # 36 grey levels
   with pytest.raises(external.EvaluationError, match="probability map"):
     external.read_labels(tmp_path / "soft.png")
+  # Every volume format gets the same grey-level check; 16 labels are still labels.
+  levels = np.arange(2 * 4 * 5).reshape(2, 4, 5).astype(np.uint8)
+  for suffix in (".nii.gz", ".mha", ".nrrd"):
+    nii(tmp_path / f"grey{suffix}", levels * 6, (1.0, 1.0, 1.0))
+    with pytest.raises(external.EvaluationError, match="40 distinct values.*probability map"):
+      external.read_labels(tmp_path / f"grey{suffix}")
+  nii(tmp_path / "sixteen.nrrd", levels % 16, (1.0, 1.0, 1.0))
+  assert external.read_labels(tmp_path / "sixteen.nrrd")[0].max() == 15
   rgb = np.zeros((6, 6, 3), np.uint8)
   rgb[1:3, 1:3, 0] = 255
   Image.fromarray(rgb, mode="RGB").save(tmp_path / "colour.png")
@@ -372,7 +362,8 @@ def test_command_scores_png_pairs(tmp_path):
   # and the stray segment (centre (4, 0), not): RLP 1/2, RLR 1. Distances and
   # surface Dice: test_the_two_hd95_conventions_differ / test_surface_dice_...
   want = {"dsc": 20 / 21, "sen": 1.0, "ppv": 10 / 11, "va": 20 / 21, "rlp": 0.5, "rlr": 1.0,
-          "hd95_pooled_mm": 0.0, "hd95_max_directed_mm": 4.0, "surface_dice": 31 / 33}
+          "hd95_pooled_mm": 0.0, "hd95_max_directed_mm": 4.0,
+          "surface_dice": (116 + 4 * math.sqrt(2)) / (120 + 6 * math.sqrt(2))}
   for key, value in want.items():
     assert float(rows["lines"][key]) == pytest.approx(value, abs=1e-12), key
   assert float(rows["same"]["dsc"]) == 1.0 and float(rows["same"]["surface_dice"]) == 1.0
@@ -380,7 +371,7 @@ def test_command_scores_png_pairs(tmp_path):
   assert summary["n_cases"] == 2 and summary["settings"]["distance_unit"] == "pixel"
   assert summary["dsc"] == pytest.approx((20 / 21 + 1) / 2)
   assert summary["hd95_max_directed_mm"] == pytest.approx(2.0)
-  assert summary["surface_dice"] == pytest.approx((31 / 33 + 1) / 2)
+  assert summary["surface_dice"] == pytest.approx((want["surface_dice"] + 1) / 2)
   assert '"n_cases": 2' in proc.stdout                      # the summary is printed
   again = _evaluate("--predictions=p", "--references=r", "--output=out", cwd=tmp_path)
   assert again.returncode == 2 and "--overwrite" in again.stderr
@@ -399,6 +390,8 @@ def _bad_inputs(root: pathlib.Path, kind: str) -> list[str]:
     nii(r / "b.nii.gz", vol, (0.8, 0.8, 2.0))
   if kind == "probability":
     nii(p / "a.nii.gz", vol * np.float32(0.3), (0.8, 0.8, 2.0))
+  if kind == "grey_probability":   # P(opacity) x 255 stored as uint8: 60 grey levels
+    nii(p / "a.nii.gz", (np.arange(60).reshape(3, 4, 5) * 4).astype(np.uint8), (0.8, 0.8, 2.0))
   flags = ["--predictions=nowhere" if kind == "missing" else "--predictions=p",
            "--references=r", "--output=out"]
   return flags + (["--labels=1,x"] if kind == "labels" else [])
@@ -409,6 +402,7 @@ def _bad_inputs(root: pathlib.Path, kind: str) -> list[str]:
     ("unpaired", "no prediction for b.nii.gz"),
     ("geometry", "the spacing (0.8, 0.8, 2.5) vs (0.8, 0.8, 2) mm differs from its reference"),
     ("probability", "non-integer values (e.g. 0.3"),
+    ("grey_probability", "a.nii.gz: 60 distinct values (up to 236), like a probability map"),
     ("labels", "--labels=1,x: give positive integer labels"),
 ])
 def test_command_refuses_bad_input_in_one_line(tmp_path, kind, expected):

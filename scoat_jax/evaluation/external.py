@@ -18,17 +18,19 @@ Checks before anything is scored: a prediction and its reference have the same
 size and, for volumes, spacing and origin within 1e-3 mm and direction cosines
 within 1e-4 (a mismatch names both files and what differs); PNGs and volumes
 are not mixed (distances would mix pixels and mm). Voxel values must be
-non-negative integer labels: a probability map (non-integer values) is
-refused. A PNG is read as stored (palette indices, or grey values); a PNG
-holding only 0 and 255 (a binary mask like COVID-SemiSeg's GT) reads 255 as
-label 1; a grey PNG with more than `MAX_PNG_LEVELS` distinct values is refused
-as a probability map or photo.
+non-negative integer labels: a probability map is refused, whether stored as
+non-integer values or as integer grey levels (any mask, NIfTI, MHA, NRRD or
+grey PNG, with more than `MAX_LEVELS` distinct values; a palette PNG is
+exempt, its indices are labels). A PNG is read as stored (palette indices, or
+grey values); a PNG holding only 0 and 255 (a binary mask like COVID-SemiSeg's
+GT) reads 255 as label 1.
 
 Metrics per case, for "any opacity" (label > 0) and, with --labels, for each
 listed label on its own: the paper's six (`metrics.case_metrics`, with its
 empty-mask conventions), both HD95 conventions (`hd95_pooled_mm`,
-`hd95_max_directed_mm`) and the area-weighted surface Dice at
---tolerance_mm (`surface_dice`), see `scoat_jax.evaluation.surface`.
+`hd95_max_directed_mm`) and the surface Dice at --tolerance_mm
+(`surface_dice`, DeepMind's definition: surfels on the voxel-corner grid
+weighted by their marching-cubes area), see `scoat_jax.evaluation.surface`.
 Distances are in mm from the volumes' spacing, in pixels for PNG masks (the
 column names stay the same; summary.json says which).
 
@@ -59,7 +61,9 @@ SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".png")
 OUTPUTS = ("summary.json", "per_case.csv")
 SPACING_TOL_MM = 1e-3   # spacing and origin
 DIRECTION_TOL = 1e-4    # direction cosines
-MAX_PNG_LEVELS = 16
+# More distinct values than this is a probability map or photo, not labels (opacity
+# masks have 2-4 labels; a uint8 probability map has up to 256 grey levels).
+MAX_LEVELS = 16
 DISTANCES = ("hd95_pooled_mm", "hd95_max_directed_mm")
 COLUMNS = metrics.METRIC_NAMES + DISTANCES + ("surface_dice",)
 COUNTS = ("pred_voxels", "true_voxels", "n_pred_regions", "n_true_regions")
@@ -67,11 +71,13 @@ DEFINITIONS = {
     "any_opacity": "label > 0 (a PNG holding only 0 and 255 reads 255 as label 1)",
     "hd95_pooled_mm": "95th percentile of the union of both directed surface-distance sets "
                       "(scoat_jax.evaluation.metrics.hd95)",
-    "hd95_max_directed_mm": "larger of the two directed 95th percentiles (MONAI "
-                            "compute_hausdorff_distance(percentile=95), DeepMind "
-                            "compute_robust_hausdorff)",
-    "surface_dice": "share of both surfaces within tolerance_mm of the other (Nikolov et al. "
-                    "2018), surface elements = voxel faces weighted by their area",
+    "hd95_max_directed_mm": "larger of the two directed 95th percentiles over surface voxels "
+                            "(MONAI compute_hausdorff_distance(percentile=95); not DeepMind's "
+                            "compute_robust_hausdorff, which weights surfels by area and can "
+                            "differ by the distance to small far blobs)",
+    "surface_dice": "share of both surfaces' area within tolerance_mm of the other (Nikolov et "
+                    "al. 2021, DeepMind compute_surface_dice_at_tolerance): surfels on the "
+                    "voxel-corner grid weighted by their marching-cubes area",
     "empty_masks": "both empty: DSC..RLR 1, distances 0, surface_dice 1; one empty: "
                    "distances inf (left out of the mean, counted in n_excluded), surface_dice 0",
 }
@@ -240,6 +246,21 @@ def _check_labels(arr: np.ndarray, path: pathlib.Path) -> np.ndarray:
   return arr.astype(np.int64) if arr.dtype.kind == "f" else arr  # a CT-sized int64 copy costs GBs
 
 
+def _distinct(arr: np.ndarray) -> np.ndarray:
+  """The distinct values of non-negative integer labels (by a histogram when they are small)."""
+  if arr.size and int(arr.max()) < 2 ** 16:
+    return np.flatnonzero(np.bincount(arr.ravel().astype(np.int64, copy=False)))
+  return np.unique(arr)
+
+
+def _check_levels(path: pathlib.Path, values: np.ndarray) -> None:
+  if values.size > MAX_LEVELS:
+    raise EvaluationError(f"{path}: {values.size} distinct values (up to {values[-1]:g}), like a "
+                          "probability map or a photo, not labels; save label indices (0, 1, "
+                          "2, ...; threshold a probability map, e.g. p >= 0.5) or a 0/255 "
+                          "binary mask.")
+
+
 def _read_png(path: pathlib.Path) -> np.ndarray:
   from PIL import Image, UnidentifiedImageError
   try:
@@ -257,12 +278,11 @@ def _read_png(path: pathlib.Path) -> np.ndarray:
     raise EvaluationError(f"{path}: cannot decode this PNG ({str(e).splitlines()[0]}); "
                           "replace the corrupt file.") from None
   arr = _check_labels(arr, path)
-  values = np.unique(arr)
+  values = _distinct(arr)
   if values.size == 2 and values[0] == 0 and values[1] == 255:
     return (arr > 0).astype(np.uint8)
-  if not palette and values.size > MAX_PNG_LEVELS:
-    raise EvaluationError(f"{path}: {values.size} distinct grey levels, like a probability map "
-                          "or a photo; save label indices (0, 1, 2, ...) or a 0/255 binary mask.")
+  if not palette:
+    _check_levels(path, values)
   return arr
 
 
@@ -289,6 +309,7 @@ def read_labels(path: str | pathlib.Path) -> tuple[np.ndarray, tuple[float, ...]
     raise EvaluationError(f"{path}: unreadable or corrupt image ({ct_io.first_line(e)}); "
                           "export it again.") from None
   arr = _check_labels(sitk.GetArrayFromImage(image), path)
+  _check_levels(path, _distinct(arr))
   return arr, tuple(float(v) for v in reversed(image.GetSpacing()))
 
 

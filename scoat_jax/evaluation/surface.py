@@ -10,33 +10,39 @@ names (distances in the units of `spacing`, millimetres for a CT grid):
   `scoat_jax.evaluation.metrics.hd95`.
 * `hd95_max_directed`: the 95th percentile of each directed set, and the
   larger of the two, as MONAI's `compute_hausdorff_distance(percentile=95)`
-  computes it (same surface voxels, same percentile). DeepMind's
-  `surface-distance` (`compute_robust_hausdorff`) uses the same rule on its
-  own area-weighted surface elements, so its numbers differ slightly.
+  computes it (same surface voxels, same percentile).
 
-The two are not ordered: one stray blob in B that is more than 5 % of B's
-surface but less than 5 % of both surfaces together moves the directed value
-and leaves the pooled one at 0; two far-apart squares give a pooled value above
-the directed one. Surface voxels are mask voxels with a face neighbour (4 in
-2-D, 6 in 3-D) outside the mask, the image border counting as outside;
-nearest-voxel distances are Euclidean between voxel centres scaled by
-`spacing`, and percentiles use numpy's default linear interpolation.
+DeepMind's `surface-distance` (`compute_robust_hausdorff`) is a third
+convention, not a variant of these: it also takes the larger directed value,
+but each directed percentile is over its surfels (corner points, see below)
+weighted by their area, and it returns the distance at which the cumulative
+area first reaches 95 % (no interpolation). Where small blobs far from the
+other surface hold close to 5 % of a surface, one convention returns the
+distance to the blobs and another returns 0: on such a case DeepMind's gave
+28.2 mm where `hd95_max_directed` and MONAI gave 0. Report which one a number
+is; they are not interchangeable.
 
-`surface_dice` (normalised surface Dice, Nikolov et al. 2018) is the share of
-both surfaces lying within a tolerance of the other surface. By default
-(weighting='area') the surface elements are the voxel faces between a mask
-voxel and a voxel outside it (the image border again counting as outside),
-each placed at its centre and weighted by its area (the product of the
-spacings along the two other axes; in 2-D its length, the spacing along the
-other axis). With 0.7 mm pixels and 5 mm slices a side face (3.5 mm^2) thus
-counts seven times an in-plane one (0.49 mm^2), and distances run between
-faces on the boundary, not between voxel centres half a voxel inside it. This
-follows DeepMind's `compute_surface_dice_at_tolerance`, whose elements are
-instead marching-cubes surfels on the grid of voxel corners, weighted by
-their area: the numbers are close but not equal (faces form a staircase on an
-oblique boundary, where surfels cut across it). weighting='voxels'
-counts surface voxels unweighted, as MONAI's `compute_surface_dice` does by
-default. A distance equal to the tolerance counts as within it.
+The two here are not ordered either: one stray blob in B that is more than
+5 % of B's surface but less than 5 % of both surfaces together moves the
+directed value and leaves the pooled one at 0; two far-apart squares give a
+pooled value above the directed one. Surface voxels are mask voxels with a
+face neighbour (4 in 2-D, 6 in 3-D) outside the mask, the image border
+counting as outside; nearest-voxel distances are Euclidean between voxel
+centres scaled by `spacing`, and percentiles use numpy's default linear
+interpolation.
+
+`surface_dice` is the normalised surface Dice of Nikolov et al. (2021) as
+DeepMind's `compute_surface_dice_at_tolerance` computes it: the surface area
+of both masks lying within a tolerance of the other surface, over the total
+area of both. By default (weighting='surfels') the surface is DeepMind's
+(`scoat_jax.evaluation.surfels`): points on the grid of voxel corners, each
+weighted by the marching-cubes area (2-D: marching-squares length) of the
+cell around it, with distances between those points (MONAI's
+`compute_surface_dice(use_subvoxels=True)` implements the same definition). weighting='voxels'
+counts surface voxels unweighted with distances between voxel centres, as
+MONAI's `compute_surface_dice` does by default; on anisotropic voxels it
+differs (slices' side walls count as much as their tops). A distance equal to
+the tolerance counts as within it; the image border counts as outside.
 
 Empty masks follow metrics.py: both empty, every distance is 0.0 and the
 surface Dice 1.0 (nothing to get wrong; MONAI gives NaN there); exactly one
@@ -54,7 +60,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage, spatial
 
-WEIGHTINGS = ("area", "voxels")
+from scoat_jax.evaluation import surfels
+
+WEIGHTINGS = ("surfels", "voxels")
 # Distances are differences of scaled coordinates: a face exactly at the
 # tolerance may come out 1 ulp beyond it. This slack keeps it within.
 _REL_SLACK = 1e-9
@@ -119,33 +127,6 @@ def boundary(mask: np.ndarray) -> np.ndarray:
   """Voxels of a bool mask with a face neighbour outside it (the border counts as outside)."""
   cross = ndimage.generate_binary_structure(mask.ndim, 1)
   return mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=0)
-
-
-def faces(mask: np.ndarray, scale: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-  """The voxel faces between a padded mask and its outside: (centres, areas).
-
-  Args:
-    mask: bool array padded by one background voxel on every side.
-    scale: voxel size per axis.
-
-  Returns:
-    centres (n, ndim): the faces' centres in the units of `scale`, with index
-    0 the first voxel inside the padding; areas (n,): each face's area, the
-    product of the voxel sizes along the other axes.
-  """
-  scale = np.asarray(scale, np.float64)
-  centres, areas = [], []
-  for axis in range(mask.ndim):
-    lower = [slice(None)] * mask.ndim
-    upper = [slice(None)] * mask.ndim
-    lower[axis], upper[axis] = slice(None, -1), slice(1, None)
-    # A face between padded voxels i and i + 1 along `axis` lies at unpadded
-    # coordinate i - 0.5 there, and at the voxels' centres along the others.
-    where = np.argwhere(mask[tuple(lower)] != mask[tuple(upper)]).astype(np.float64) - 1.0
-    where[:, axis] += 0.5
-    centres.append(where * scale)
-    areas.append(np.full(len(where), np.prod(np.delete(scale, axis))))
-  return np.concatenate(centres), np.concatenate(areas)
 
 
 def _nearest(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -225,7 +206,7 @@ def hd95_max_directed(pred, truth, spacing: Sequence[float] | None = None) -> fl
 
 
 def surface_dice(pred, truth, tolerance: float, spacing: Sequence[float] | None = None, *,
-                 weighting: str = "area") -> float:
+                 weighting: str = "surfels") -> float:
   """Normalised surface Dice: the share of both surfaces within `tolerance` of the other.
 
   Args:
@@ -234,9 +215,9 @@ def surface_dice(pred, truth, tolerance: float, spacing: Sequence[float] | None 
     tolerance: the largest distance that counts as agreement (units of
       `spacing`), >= 0.
     spacing: voxel size per array axis (e.g. mm); None means unit voxels.
-    weighting: 'area' (default): voxel faces weighted by their area;
-      'voxels': surface voxels, unweighted (MONAI's default). See the module
-      docstring.
+    weighting: 'surfels' (default): DeepMind's corner-grid surfels weighted
+      by their area (Nikolov et al.); 'voxels': surface voxels, unweighted
+      (MONAI's default). See the module docstring.
 
   Returns:
     A float in [0, 1]: 1.0 when both masks are empty, 0.0 when exactly one is.
@@ -258,7 +239,8 @@ def surface_dice(pred, truth, tolerance: float, spacing: Sequence[float] | None 
     points_a, points_b = np.argwhere(boundary(pa)) * scale, np.argwhere(boundary(pb)) * scale
     weights_a, weights_b = np.ones(len(points_a)), np.ones(len(points_b))
   else:
-    (points_a, weights_a), (points_b, weights_b) = faces(pa, scale), faces(pb, scale)
+    (points_a, weights_a), (points_b, weights_b) = (surfels.surfels(pa, scale),
+                                                    surfels.surfels(pb, scale))
   near = (weights_a[_within(points_a, points_b, tolerance)].sum()
           + weights_b[_within(points_b, points_a, tolerance)].sum())
   return float(near / (weights_a.sum() + weights_b.sum()))
@@ -266,7 +248,7 @@ def surface_dice(pred, truth, tolerance: float, spacing: Sequence[float] | None 
 
 def surface_metrics(pred, truth, *, tolerance: float, spacing: Sequence[float] | None = None
                     ) -> dict[str, float]:
-  """Both HD95s (one pass over the surface voxels) and the area-weighted surface Dice.
+  """Both HD95s (one pass over the surface voxels) and the surface Dice (surfels).
 
   Returns:
     {'hd95_pooled', 'hd95_max_directed', 'surface_dice'}, as the functions of
