@@ -64,7 +64,7 @@ def test_slices_count_pixels_with_8_connectivity_and_units_must_match():
   assert summary["removed_components"] == 1
   with pytest.raises(pp.PostprocessingError, match="counts mm3"):
     pp.apply(labels, {"min_size": 3, "unit": "mm3", "inside_lung": False})
-  with pytest.raises(pp.PostprocessingError, match="min_size must be >= 0"):
+  with pytest.raises(pp.PostprocessingError, match="min_size -1 is negative"):
     pp.apply(labels, {"min_size": -1, "unit": "pixels"})
   same, _ = pp.apply(labels, None)
   assert same is labels

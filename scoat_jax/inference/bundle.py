@@ -24,6 +24,8 @@ import datetime
 import json
 import pathlib
 import re
+import zipfile
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +34,7 @@ from flax import traverse_util
 from scoat_jax import configs
 from scoat_jax.checkpoints import CheckpointError
 from scoat_jax.common import fileio
+from scoat_jax.inference import postprocessing
 
 FORMAT = "scoat_jax model bundle"
 FORMAT_VERSION = 1
@@ -54,6 +57,12 @@ class Bundle:
   members: list[Member]
   postprocessing: dict | None
   index: dict
+
+  @property
+  def version(self) -> str:
+    """What tells two exports apart besides their weights: when and by what they were made."""
+    return (f"{self.index.get('created', '?')} (scoat_jax "
+            f"{self.index.get('scoat_jax_version', '?')})")
 
 
 def is_bundle(path: str | pathlib.Path) -> bool:
@@ -120,12 +129,37 @@ def _bad(path, what: str) -> CheckpointError:
                          "`python -m scoat_jax.export`.")
 
 
+# A truncated, CRC-corrupt or empty variables.npz raises BadZipFile, EOFError
+# or zlib.error (not OSError or ValueError); a config of the wrong shape
+# TypeError, AttributeError or KeyError.
+_MEMBER_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+                  zipfile.BadZipFile, zlib.error)
+
+
+def _read_arrays(file: pathlib.Path) -> dict:
+  with np.load(file, allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+def _read_member(file: pathlib.Path, read_fn):
+  try:
+    return read_fn(file)
+  except _MEMBER_ERRORS as e:
+    detail = str(e).splitlines()[0] if str(e) else "empty or cut short"
+    raise _bad(file, f"cannot read the member's file ({type(e).__name__}: {detail})") from None
+
+
 def read(path: str | pathlib.Path) -> Bundle:
   """Reads and checks a bundle (its members' arrays in memory as NumPy).
 
+  Everything is checked here, before any model runs: the index's fields and
+  their types, the post-processing rule (`postprocessing.check_rule`; the
+  rule returned is the validated one), and each member's config and arrays
+  (a truncated, corrupt or empty `variables.npz` included).
+
   Raises:
-    CheckpointError: not a bundle, a newer format version, a missing or
-      damaged member.
+    CheckpointError: not a bundle, a newer format version, a bad index field
+      or rule, a missing or damaged member; one line naming the file.
   """
   path = pathlib.Path(path).expanduser().absolute()
   try:
@@ -145,22 +179,32 @@ def read(path: str | pathlib.Path) -> Bundle:
   entries = index.get("members")
   if not isinstance(entries, list) or not entries:
     raise _bad(path, f"{INDEX} lists no member")
+  preprocessing = index.setdefault("preprocessing", {})
+  if not isinstance(preprocessing, dict):
+    raise _bad(path / INDEX, f"'preprocessing' is {type(preprocessing).__name__} "
+                             f"{preprocessing!r}, not an object of intensity, hu_window, ...")
+  try:
+    rule = postprocessing.check_rule(index.get("postprocessing"))
+  except postprocessing.PostprocessingError as e:
+    raise CheckpointError(f"{path / INDEX}: {e}") from None
   members = []
   for entry in entries:
     name = str(entry.get("path", "")) if isinstance(entry, dict) else ""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
       raise _bad(path, f"{INDEX} names a member folder {name!r} that is not a plain name")
     folder = path / name
-    try:
-      config = configs.upgrade(json.loads((folder / "config.json").read_text(encoding="utf-8")))
-      with np.load(folder / "variables.npz", allow_pickle=False) as z:
-        flat = {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError) as e:
-      raise _bad(folder, f"cannot read the member ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    config = _read_member(folder / "config.json", lambda f: configs.upgrade(
+        json.loads(f.read_text(encoding="utf-8"))))
+    if not isinstance(config, dict):
+      raise _bad(folder / "config.json", f"holds {type(config).__name__}, not a config")
+    flat = _read_member(folder / "variables.npz", _read_arrays)
+    classes = index.get("num_classes")
+    if classes is not None and classes != config.get("num_classes"):
+      raise _bad(folder, f"config.json says num_classes={config.get('num_classes')!r} but "
+                         f"{INDEX} says {classes!r}")
     variables = traverse_util.unflatten_dict(flat, sep="/")
     variables.setdefault("batch_stats", {})
     meta = {k: v for k, v in entry.items() if k != "path"}
     meta.setdefault("intensity", index.get("preprocessing", {}).get("intensity", "hu"))
     members.append(Member(folder, config, variables, meta))
-  return Bundle(path, members, index.get("postprocessing"), index)
+  return Bundle(path, members, rule, index)

@@ -15,12 +15,16 @@ A source is one of:
   HU window (`--config=scoat_jax/configs/default.py` is the paper's recipe).
 
 Every model is validated before it is used: the weights must fit the model
-its config describes (network, widths, classes, one input channel), and an
-ensemble's members must share input size, classes and HU window.
+its config describes (network, widths, classes, one input channel; the
+config's `num_classes` must be the network's), they must be finite with
+possible batch statistics and give finite outputs on a probe slice
+(`inference.model_checks`), and an ensemble's members must share input size,
+classes and HU window.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Sequence
 
@@ -33,7 +37,7 @@ import numpy as np
 from scoat_jax import checkpoints, models
 from scoat_jax.checkpoints import CheckpointError
 from scoat_jax.data.intensity import HU_WINDOW, check_uint8_mode
-from scoat_jax.inference import bundle
+from scoat_jax.inference import bundle, model_checks
 from scoat_jax.models import outputs
 
 TORCH_SUFFIXES = (".pth", ".pt", ".npz")
@@ -97,15 +101,22 @@ class LoadedModel:
     """How its training slices were stored: 'hu' (CT) or 'uint8' (8-bit exports)."""
     return str(self.meta.get("intensity", "hu"))
 
+  @functools.cached_property
+  def weights_sha256(self) -> str:
+    """The content hash of its parameters and batch statistics (`model_checks`)."""
+    return model_checks.weights_sha256(self.variables)
+
   def describe(self) -> dict:
     """JSON-ready summary for reports: where the weights came from and what they are."""
     out = {"checkpoint": str(self.step_dir), "step": self.step,
+           "weights_sha256": self.weights_sha256,
            "model": self.config.model_name, "model_config": self.config.model.to_dict(),
            "loss": self.config.get("loss"), "num_classes": self.num_classes,
            "image_size": self.image_size,
            "fold": self.config.data.get("fold"), "dataset": self.config.data.get("name")}
-    if "bundle" in self.meta:
-      out["bundle"] = self.meta["bundle"]
+    for key in ("bundle", "bundle_version"):
+      if key in self.meta:
+        out[key] = self.meta[key]
     return out
 
 
@@ -120,7 +131,19 @@ def _shapes(tree) -> dict[str, tuple]:
 
 
 def _check_weights(step_dir, config, model, variables, size: int) -> None:
-  """Raises CheckpointError unless the weights fit the model the config describes."""
+  """Raises CheckpointError unless the weights fit the model the config describes.
+
+  The shapes come from the network `config.model` builds, while inference reads
+  the classes from `config.num_classes`: the two must agree, or 1-class weights
+  under a 3-class config would label every voxel ground glass. Then the values
+  must be usable (`model_checks.check_values`).
+  """
+  built = getattr(model, "num_classes", None)
+  if built is not None and int(built) != int(config.num_classes):
+    raise CheckpointError(
+        f"{step_dir}: its config says num_classes={config.num_classes} but describes a network "
+        f"of {built} class(es) (config.model.num_classes={built}); the config was edited or "
+        "mixed up: restore the config the weights were trained with.")
   multiple = type(model).input_multiple
   if size < multiple or size % multiple:
     raise CheckpointError(f"{step_dir}: config.data.image_size={size} is not a multiple of "
@@ -140,6 +163,7 @@ def _check_weights(step_dir, config, model, variables, size: int) -> None:
             f"{step_dir}: {part} {key} {what} (config: {config.model_name} "
             f"{config.model.to_dict()}, 1 input channel); the weights belong to another model "
             "or shape: pass a checkpoint trained for it.")
+  model_checks.check_values(step_dir, model, variables, size)
 
 
 def _build(source, config: ml_collections.ConfigDict) -> nn.Module:
@@ -191,6 +215,7 @@ def _load_torch(path: pathlib.Path, config: ml_collections.ConfigDict | None) ->
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes = kwargs["num_classes"]
   config.model.widths = list(kwargs["widths"])
+  config.model.num_classes = kwargs["num_classes"]
   config.deep_supervision = "mean" if kwargs["deep_supervision"] else "none"
   model = _build(path, config)
   _check_weights(path, config, model, variables, int(config.data.image_size))
@@ -206,7 +231,8 @@ def _load_bundle(path: pathlib.Path) -> list[LoadedModel]:
     config = ml_collections.ConfigDict(member.config)
     model = _build(member.path, config)
     _check_weights(member.path, config, model, member.variables, int(config.data.image_size))
-    meta = {**member.meta, "config": member.config, "bundle": str(path)}
+    meta = {**member.meta, "config": member.config, "bundle": str(path),
+            "bundle_version": loaded.version}
     out.append(LoadedModel(member.path, config, model, member.variables, meta,
                            postprocessing=loaded.postprocessing))
   return out

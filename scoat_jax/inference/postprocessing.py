@@ -42,19 +42,39 @@ def none_rule() -> dict:
 
 
 def check_rule(rule: dict | None) -> dict | None:
-  """A rule as stored (`min_size`, `unit` 'mm3' | 'pixels', `inside_lung`), validated."""
+  """A rule as stored (`min_size`, `unit` 'mm3' | 'pixels', `inside_lung`), validated.
+
+  `min_size` is a finite number >= 0 (0 or absent: no size rule), `unit` is
+  required with a positive `min_size` (None or absent otherwise), and
+  `inside_lung` is true or false (absent: false). Other keys (`chosen_on`,
+  `copied_from`) are kept as they are.
+
+  Raises:
+    PostprocessingError: naming the field that is wrong.
+  """
   if rule is None:
     return None
-  try:
-    size, unit, inside = float(rule.get("min_size", 0)), rule.get("unit"), bool(
-        rule.get("inside_lung", False))
-  except (TypeError, ValueError, AttributeError):
-    raise PostprocessingError(f"post-processing rule {rule!r} is not "
-                              "{min_size, unit, inside_lung}; export the bundle again.") from None
-  if size < 0 or unit not in (None, "mm3", "pixels") or (size > 0 and unit is None):
-    raise PostprocessingError(f"post-processing rule {rule!r}: min_size must be >= 0 with unit "
-                              "'mm3' or 'pixels'; export the bundle again.")
-  return {**rule, "min_size": size, "unit": unit, "inside_lung": inside}
+  if not isinstance(rule, dict):
+    raise PostprocessingError(f"the post-processing rule is {type(rule).__name__} {rule!r}, not "
+                              "{min_size, unit, inside_lung}; export the bundle again.")
+  shown = {k: rule[k] for k in ("min_size", "unit", "inside_lung") if k in rule}
+  size, unit, inside = rule.get("min_size", 0), rule.get("unit"), rule.get("inside_lung", False)
+  problem = None
+  if isinstance(size, bool) or not isinstance(size, (int, float)) or not np.isfinite(size):
+    problem = f"min_size {size!r} is not a number"
+  elif size < 0:
+    problem = f"min_size {size!r} is negative"
+  elif unit not in (None, "mm3", "pixels"):
+    problem = f"unit {unit!r} is not 'mm3' or 'pixels'"
+  elif size > 0 and unit is None:
+    problem = f"min_size {size!r} has no unit ('mm3' or 'pixels')"
+  elif not isinstance(inside, bool):
+    problem = f"inside_lung {inside!r} is not true or false"
+  if problem:
+    raise PostprocessingError(f"post-processing rule {shown}: {problem} (min_size >= 0 with unit "
+                              "'mm3' or 'pixels', inside_lung true/false); export the bundle "
+                              "again.")
+  return {**rule, "min_size": float(size), "unit": unit, "inside_lung": inside}
 
 
 def is_active(rule: dict | None) -> bool:
