@@ -36,3 +36,9 @@ SEMISEG_DIR = pathlib.Path(os.environ.get(
     "SCOAT_JAX_SEMISEG_DIR",
     pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-semiseg-train"))
 
+
+# Real CT in HU (LIDC-IDRI slabs with nodule outlines, an abdomen with the lung bases):
+# $SCOAT_JAX_REAL_CT_DIR, or by default beside the checkout; tests skip without it.
+REAL_CT_DIR = pathlib.Path(os.environ.get(
+    "SCOAT_JAX_REAL_CT_DIR",
+    pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct"))

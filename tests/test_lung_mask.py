@@ -5,6 +5,7 @@ from scipy import ndimage as ndi
 from scipy import spatial
 
 from scoat_jax.data import lung_mask as lm
+from scoat_jax.data import morphology
 from scoat_jax.data import phantom
 
 
@@ -126,7 +127,7 @@ def test_dilate_disc_matches_distance_transform(spacing_yx, radius):
   for _ in range(5):
     mask = rng.random((41, 37)) < 0.01
     ref = ndi.distance_transform_edt(~mask, sampling=spacing_yx) <= radius
-    np.testing.assert_array_equal(lm._dilate_disc(mask, spacing_yx, radius), ref)
+    np.testing.assert_array_equal(morphology.dilate_disc(mask, spacing_yx, radius), ref)
 
 
 def test_close_and_fill_matches_edt_closing_and_fill_holes():

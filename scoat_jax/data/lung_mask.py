@@ -14,18 +14,22 @@ contain lung (`lung_extent`). Steps:
    are the trachea and main bronchi (normal lung is about -900..-700 HU);
    they are removed with a one-voxel in-plane margin, which also cuts their
    connection to the lungs. Orientation-free: either end of z may be cranial.
-4. Keep the largest component, and the second largest if it holds at least 20%
+4. Drop gas (`drop_gas`): a component whose voxels are mostly (more than
+   GAS_MIN_AIR_SHARE) below -950 HU is bowel or stomach gas, or air trapped in
+   the blanket, not lung (parenchyma is -900..-700 HU); on an abdominal CT it
+   would otherwise be the largest "lung".
+5. Keep the largest component, and the second largest if it holds at least 20%
    as many voxels (two separate lungs); smaller ones (bowel gas, leftover
    bronchus) are dropped.
-5. Per side of the midline (so the two lungs never merge, even where they
+6. Per side of the midline (so the two lungs never merge, even where they
    touch): a 2-D closing with a disc of CLOSING_RADIUS_MM (exact, in mm), then
    per-slice hole filling, so vessels, nodules and enclosed lesions, including
    dense consolidation, lie inside the mask.
-6. Pleural-based lesions: per slice and side, dents between the lung and its
+7. Pleural-based lesions: per slice and side, dents between the lung and its
    convex hull whose opening faces away from the mediastinum (the costal
    surface is convex; the heart, hila, spine and diaphragm dome leave dents
    that open medially) are added when deeper than DENT_MIN_DEPTH_MM.
-7. A closing along z of Z_CLOSING_MM adds non-bone voxels (< 300 HU) that have
+8. A closing along z of Z_CLOSING_MM adds non-bone voxels (< 300 HU) that have
    lung within that distance both above and below (a lesion filling a convex
    edge of the lung in a few slices).
 
@@ -42,7 +46,12 @@ whole-volume version took 18-21 s and 23 bytes).
 
 Measured on the default phantom cohort (48 x 256 x 256, 1.4 x 1.4 x 5 mm, 24
 scans): Dice vs the true lung >= 0.997, volume within 0.4%, 99.2% of lesion
-voxels inside (worst scan 95%), on seeds 0 and 1.
+voxels inside (worst scan 95%), on seeds 0 and 1. On real CT (tests/
+test_lung_mask_real.py): 99.9%, 91.2% and 100% of the radiologists' nodule
+voxels of three LIDC-IDRI slabs (the second's juxtapleural outline reaches 1-2
+voxels into the pleura, all within 1.4 mm), trachea and main bronchi out, and
+only the lung bases (122 ml instead of 587 ml of colon and stomach gas without
+step 4) on an abdominal CT.
 
 Limits: a consolidation or effusion that fills a convex edge of the lung
 beyond the hull and over many slices is missed (e.g. a dense apical cap);
@@ -61,10 +70,13 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy import spatial
 
+from scoat_jax.data.morphology import dilate_disc, nearest_along_0
+
 LUNG_THRESHOLD_HU = -320.0
 AIRWAY_THRESHOLD_HU = -950.0
 CLOSING_RADIUS_MM = 10.0
 SECOND_LUNG_MIN_FRACTION = 0.2
+GAS_MIN_AIR_SHARE = 0.5
 DENT_MIN_DEPTH_MM = 3.0
 Z_CLOSING_MM = 10.0
 _CHUNK = 16  # slices per block in whole-volume passes (bounds the temporaries)
@@ -216,46 +228,6 @@ def _airways(cand: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
   return out
 
 
-def _nearest_along_0(mask: np.ndarray, far: int) -> tuple[np.ndarray, np.ndarray]:
-  """Index of the last True at or before, and the first at or after, each element along axis 0.
-
-  -far and +far where there is none; int16 when that fits.
-  """
-  dtype = np.int16 if 3 * far < 2**15 else np.int32
-  idx = np.arange(mask.shape[0], dtype=dtype).reshape((-1,) + (1,) * (mask.ndim - 1))
-  before = np.where(mask, idx, dtype(-far))
-  np.maximum.accumulate(before, axis=0, out=before)
-  after = np.minimum.accumulate(np.where(mask, idx, dtype(far))[::-1], axis=0)[::-1]
-  return before - idx, after - idx
-
-
-def _dilate_disc(mask: np.ndarray, spacing_yx: tuple[float, float],
-                 radius_mm: float) -> np.ndarray:
-  """Pixels within radius_mm (Euclidean, in mm) of a True pixel of a 2-D mask.
-
-  The same set as `distance_transform_edt(~mask, sampling) <= radius_mm`
-  (pixels beyond the array count as False), without a distance transform: the
-  distance to the nearest True pixel of each column, then per column offset
-  dx the largest row offset still within the radius.
-  """
-  h, w = mask.shape
-  sy, sx = spacing_yx
-  before, after = _nearest_along_0(mask, h + int(radius_mm / sy) + 4)  # beyond any reach
-  gap = np.minimum(-before, after)
-  out = gap == 0
-  dys = np.arange(int(radius_mm / sy) + 2, dtype=np.float64)
-  for dx in range(0, min(int(radius_mm / sx) + 1, w - 1) + 1):
-    # The same arithmetic as the distance transform's distances.
-    reach = np.nonzero(np.sqrt((dys * sy) * (dys * sy) + (dx * sx) * (dx * sx)) <= radius_mm)[0]
-    if not reach.size:
-      break
-    near = gap <= reach[-1]
-    out[:, dx:] |= near[:, :w - dx]
-    if dx:
-      out[:, :w - dx] |= near[:, dx:]
-  return out
-
-
 def _close_and_fill(part: np.ndarray, spacing_yx: tuple[float, float],
                     closing_radius_mm: float) -> np.ndarray:
   """Step 5 for one side: per slice, closing and hole filling on the slice's own box."""
@@ -267,7 +239,7 @@ def _close_and_fill(part: np.ndarray, spacing_yx: tuple[float, float],
       continue
     piece = np.pad(part[k][box], pad)
     if closing_radius_mm > 0:  # exact in mm: dilation, then erosion (of the complement)
-      piece = ~_dilate_disc(~_dilate_disc(piece, spacing_yx, closing_radius_mm), spacing_yx,
+      piece = ~dilate_disc(~dilate_disc(piece, spacing_yx, closing_radius_mm), spacing_yx,
                             closing_radius_mm)
     # A closing stays inside the convex hull, hence inside the box; the pad only
     # keeps the intermediate dilation from being cut by the array edge, and
@@ -289,7 +261,7 @@ def _close_z(mask: np.ndarray, r: int) -> np.ndarray:
   step = max(1, 2**20 // max(1, nz * mask.shape[2]))
   for y in range(0, mask.shape[1], step):
     m = mask[:, y:y + step]
-    before, after = _nearest_along_0(m, 2 * nz + 2 * r + 2)  # a missing end: too long a run
+    before, after = nearest_along_0(m, 2 * nz + 2 * r + 2)  # a missing end: too long a run
     out[:, y:y + step] = ~m & (after - before <= 2 * r + 1)
   return out
 
@@ -388,6 +360,25 @@ def _costal_dents(sl: np.ndarray, x_mid: float, min_depth_px: float) -> np.ndarr
   return add & ~sl
 
 
+def _drop_gas(labels: np.ndarray, n: int, hu: np.ndarray) -> tuple[np.ndarray, int]:
+  """Step 4a: components that are mostly pure air (bowel or stomach gas, air in a blanket).
+
+  Lung parenchyma lies around -900..-700 HU (vessels and septa raise it), so
+  even emphysematous lungs keep most voxels above -950 HU; gas is air at
+  about -1000 HU and has most of its voxels below.
+  """
+  air = np.zeros(n + 1, np.int64)
+  for z in range(0, labels.shape[0], _CHUNK):
+    air += np.bincount(labels[z:z + _CHUNK][hu[z:z + _CHUNK] < AIRWAY_THRESHOLD_HU],
+                       minlength=n + 1)
+  gas = air > GAS_MIN_AIR_SHARE * _counts(labels, n)
+  gas[0] = True
+  if not gas[1:].any():
+    return labels, n
+  kept = _lookup(~gas, labels)
+  return ndi.label(kept)
+
+
 def lung_mask(hu: np.ndarray,
               spacing: Sequence[float],
               *,
@@ -395,7 +386,8 @@ def lung_mask(hu: np.ndarray,
               closing_radius_mm: float = CLOSING_RADIUS_MM,
               remove_airways: bool = True,
               fill_costal_dents: bool = True,
-              z_closing_mm: float = Z_CLOSING_MM) -> np.ndarray:
+              z_closing_mm: float = Z_CLOSING_MM,
+              drop_gas: bool = True) -> np.ndarray:
   """Segments both lungs (airways removed, vessels and lesions included).
 
   Args:
@@ -407,6 +399,7 @@ def lung_mask(hu: np.ndarray,
     remove_airways: remove the trachea and main bronchi.
     fill_costal_dents: add dents in the costal surface (pleural-based lesions).
     z_closing_mm: reach of the closing along z (0 disables it).
+    drop_gas: drop components mostly below -950 HU (bowel and stomach gas).
 
   Returns:
     (z, y, x) bool mask; all False when no lung is found.
@@ -429,6 +422,8 @@ def lung_mask(hu: np.ndarray,
   if airway is not None:
     cand &= ~airway
   labels, n = ndi.label(cand)
+  if drop_gas and n:
+    labels, n = _drop_gas(labels, n, hu[box])
   lungs = _largest(labels, n, keep=2, min_fraction=SECOND_LUNG_MIN_FRACTION)
   if not lungs:
     return out
