@@ -34,7 +34,11 @@ def define_segment_flags() -> None:
   flags.DEFINE_bool("no_postprocessing", False, "Ignore the bundle's post-processing rule.",
                     **main)
   flags.DEFINE_bool("skip_outside_lung", True, "No network pass on slices beyond the lungs' "
-                    "extent along z (+-30 mm); their mask is empty.", **main)
+                    "extent along z (+-5 mm with the lung rule, +-30 mm without); their mask is "
+                    "empty.", **main)
+  flags.DEFINE_bool("lung_rule", True, "CT volumes: keep only opacity within 5 mm of the lung "
+                    "mask (a scan without lung is not quantified); --nolung_rule counts every "
+                    "voxel the network marks.", **main)
   flags.DEFINE_bool("key_images", True, "Write <name>_report.png and .pdf (key images).", **main)
 
 
@@ -68,7 +72,8 @@ def main(argv):
       attention_slices=segment.parse_slices(FLAGS.attention_slices), overwrite=FLAGS.overwrite,
       batch_size=FLAGS.batch_size, series_id=FLAGS.series_id, output_format=FLAGS.output_format,
       key_images=FLAGS.key_images, postprocess=not FLAGS.no_postprocessing,
-      skip_outside_lung=FLAGS.skip_outside_lung, lung_mask=FLAGS.lung_mask, config=FLAGS.config),
+      skip_outside_lung=FLAGS.skip_outside_lung, lung_rule=FLAGS.lung_rule,
+      lung_mask=FLAGS.lung_mask, config=FLAGS.config),
       required=("checkpoint", "input", "output"), compilation_cache_dir=FLAGS.compilation_cache_dir)
 
 

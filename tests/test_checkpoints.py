@@ -28,7 +28,9 @@ def test_legacy_checkpoint_loads_and_predicts_identically():
   want = np.load(FIXTURES / "legacy_prediction.npz")
   labels, prob = inference.Predictor([model]).predict_volume(want["hu"], with_probability=True)
   np.testing.assert_array_equal(labels, want["labels"])
-  np.testing.assert_allclose(prob, want["probability"], atol=1e-6)
+  # The batch size follows the free memory, and XLA's float32 sums differ by ~1e-6 between
+  # batch sizes: the same weights, not the same rounding.
+  np.testing.assert_allclose(prob, want["probability"], atol=1e-5)
   assert 0.2 < labels.mean() < 0.5
 
 

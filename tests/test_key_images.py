@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scoat_jax.data import dicom_seg, palette, writers
 from scoat_jax.inference import key_images as ki
 from scoat_jax.inference import quantify
 
@@ -132,9 +133,11 @@ def test_png_and_one_page_pdf(tmp_path):
   runs = _pdf_text_runs(data)
   for line in ("Lung volume: n/a", "Percentage of infection (POI): n/a", "Lesions: 2",
                "Model: scoat_net", "Report date: 2026-01-02", "synthetic: key images",
-               # 100 px of 0.8 x 0.8 mm = 0.64 cm², x 2.5 mm = 0.16 ml.
-               "axial z = 4: 0.64 cm², 0.16 ml", "axial z = 8: 0.41 cm², 0.10 ml",
-               "axial z = 3: 0.23 cm², 0.06 ml", "coronal y = 22 (most opacity)"):
+               # 100 px of 0.8 x 0.8 mm = 0.64 cm², x 2.5 mm = 0.16 ml; z 4 x 2.5 mm = 10 mm.
+               "1: axial z 4, from slice 0: 10.0 mm", "opacity 0.64 cm², 0.16 ml",
+               "2: axial z 8, from slice 0: 20.0 mm", "opacity 0.41 cm², 0.10 ml",
+               "3: axial z 3, from slice 0: 7.5 mm", "opacity 0.23 cm², 0.06 ml",
+               "coronal y 32, middle row", "Every panel: window W1500 L-600 HU (-1350 to 150)."):
     assert line in runs, (line, runs)
 
 
@@ -146,7 +149,7 @@ def _colour(pixels: np.ndarray, name: str) -> np.ndarray:
 
 
 def _panel(fig, title_start: str):
-  found = [ax for ax in fig.axes if ax.get_title().startswith(title_start)]
+  found = [ax for ax in fig.axes if ax.get_title().startswith(title_start)]  # one per title
   assert len(found) == 1, [ax.get_title() for ax in fig.axes]
   return found[0]
 
@@ -173,13 +176,17 @@ def _counts_near(hits: np.ndarray, ax, box, height: int, margin: float = 4.0):
   return int(np.count_nonzero(band)), int(np.count_nonzero(in_panel & ~band))
 
 
-def _page(tmp_path, three_class: bool):
+def _lungs(hu) -> np.ndarray:
+  return hu[0][None].repeat(hu.shape[0], 0) == -850  # the two lungs on every slice
+
+
+def _page(tmp_path, three_class: bool, **kw):
   """The written PNG as an RGB array, and the same figure drawn (its axes' pixel positions)."""
   hu, labels = _scan(three_class)
   report = _report(three_class)
-  png, _ = _write(tmp_path, hu, labels, report)
+  png, _ = _write(tmp_path, hu, labels, report, **kw)
   fig = ki.key_image_figure(hu, labels, spacing_xyz=SPACING, report=report, model="scoat_net",
-                            date=datetime.date(2026, 1, 2))
+                            date=datetime.date(2026, 1, 2), **kw)
   fig.canvas.draw()
   with Image.open(png) as im:
     pixels = np.asarray(im.convert("RGB"))
@@ -187,38 +194,40 @@ def _page(tmp_path, three_class: bool):
 
 
 def test_outline_where_the_lesion_is_in_radiological_orientation(tmp_path):
-  pixels, fig = _page(tmp_path, three_class=False)
+  hu, _ = _scan()
+  pixels, fig = _page(tmp_path, three_class=False, lung=_lungs(hu))
   height = pixels.shape[0]
-  red = _colour(pixels, "red")
-  ax = _panel(fig, "axial z = 4:")
+  gold = _colour(pixels, "yellow")  # label 1: palette gold
+  ax = _panel(fig, "1: axial z 4,")
   box = _box(ax, A4[1], A4[2], height)
   side = box[3] - box[2]  # the 10-pixel lesion's side on the page, about 76 pixels
   assert side > 50
-  on, off = _counts_near(red, ax, box, height)
+  on, off = _counts_near(gold, ax, box, height)
   assert on > 3 * side and off == 0  # a closed outline, nothing in the empty lung or body
   # Radiological convention: cols 14..23 of 64 (the patient's right) on the panel's left,
   # rows 20..29 (anterior) in its upper half.
   extent = ax.get_window_extent()
-  rr, cc = np.nonzero(red[int(height - extent.y1):int(height - extent.y0),
-                          int(extent.x0):int(extent.x1)])
+  rr, cc = np.nonzero(gold[int(height - extent.y1):int(height - extent.y0),
+                           int(extent.x0):int(extent.x1)])
   assert cc.max() < 0.5 * extent.width and rr.max() < 0.5 * extent.height
-  # Coronal y = 22 cuts lesion A on z = 3 and 4 of 12: the lower half (superior up), left side.
-  ax = _panel(fig, "coronal y = 22")
+  # The coronal row through the lungs is y = 32 (the lungs' widest row), not a row of most
+  # opacity: it cuts lesion B (rows 30..37, cols 40..47) on z = 8 of 12: the upper half
+  # (superior up) on the panel's right (the patient's left).
+  ax = _panel(fig, "coronal y 32, through the lungs")
   extent = ax.get_window_extent()
-  rr, cc = np.nonzero(red[int(height - extent.y1):int(height - extent.y0),
-                          int(extent.x0):int(extent.x1)])
-  assert rr.size and rr.min() > 0.5 * extent.height and cc.max() < 0.5 * extent.width
+  rr, cc = np.nonzero(gold[int(height - extent.y1):int(height - extent.y0),
+                           int(extent.x0):int(extent.x1)])
+  assert rr.size and rr.max() < 0.5 * extent.height and cc.min() > 0.5 * extent.width
   # Its true aspect: 64 columns of 0.8 mm wide, 12 slices of 2.5 mm high.
   assert extent.height / extent.width == pytest.approx(12 * 2.5 / (64 * 0.8), rel=0.02)
-  legends = [a.get_legend() for a in fig.axes if a.get_legend()]
-  assert [[t.get_text() for t in g.get_texts()] for g in legends] == [["opacity"]]
+  assert [[t.get_text() for t in g.get_texts()] for g in fig.legends] == [["opacity"]]
 
 
 def test_three_classes_in_two_colours_with_a_legend(tmp_path):
   pixels, fig = _page(tmp_path, three_class=True)
   height = pixels.shape[0]
   red, yellow = _colour(pixels, "red"), _colour(pixels, "yellow")
-  ggo, consolidation = _panel(fig, "axial z = 4:"), _panel(fig, "axial z = 8:")
+  ggo, consolidation = _panel(fig, "1: axial z 4,"), _panel(fig, "2: axial z 8,")
   box = _box(ggo, A4[1], A4[2], height)
   on, off = _counts_near(yellow, ggo, box, height)
   assert on > 3 * (box[3] - box[2]) and off == 0
@@ -227,11 +236,20 @@ def test_three_classes_in_two_colours_with_a_legend(tmp_path):
   on, off = _counts_near(red, consolidation, box, height)
   assert on > 3 * (box[3] - box[2]) and off == 0
   assert _counts_near(yellow, consolidation, box, height) == (0, 0)
-  legends = [a.get_legend() for a in fig.axes if a.get_legend()]
-  assert [[t.get_text() for t in g.get_texts()] for g in legends] == [["ground glass",
-                                                                       "consolidation"]]
-  colours = [h.get_color() for h in legends[0].legend_handles]
-  assert colours == [ki.CLASS_COLOURS[1], ki.CLASS_COLOURS[2]]
+  assert [[t.get_text() for t in g.get_texts()] for g in fig.legends] == [["ground glass",
+                                                                          "consolidation"]]
+  colours = [h.get_color() for h in fig.legends[0].legend_handles]
+  assert colours == [palette.hex_colour(1), palette.hex_colour(2)]
+
+
+def test_one_palette_for_the_page_the_seg_and_the_mask_png(tmp_path):
+  # The DICOM SEG's display colours, the mask PNG's palette and the page's outlines agree.
+  assert [rgb for *_, rgb in dicom_seg.SEGMENTS[3]] == [palette.LABEL_RGB[1], palette.LABEL_RGB[2]]
+  assert dicom_seg.SEGMENTS[1][0][2] == palette.LABEL_RGB[1]
+  path = writers.write_png(np.array([[0, 1, 2]], np.uint8), tmp_path / "m_mask.png", palette=True)
+  with Image.open(path) as im:
+    assert [tuple(v) for v in np.asarray(im.convert("RGB"))[0]] == [
+        (0, 0, 0), palette.LABEL_RGB[1], palette.LABEL_RGB[2]]
 
 
 def test_two_d_slice(tmp_path):
@@ -252,8 +270,91 @@ def test_two_d_slice(tmp_path):
   fig.canvas.draw()
   ax = _panel(fig, "slice:")
   box = _box(ax, rows, cols, pixels.shape[0])
-  on, off = _counts_near(_colour(pixels, "red"), ax, box, pixels.shape[0])
+  on, off = _counts_near(_colour(pixels, "yellow"), ax, box, pixels.shape[0])
   assert on > 2 * (box[3] - box[2]) and off == 0
+
+
+# ----------------------------------------------------------------------------- a real-sized scan
+
+def _chest(depth=64, dz=1.25):
+  """A (depth, 96, 96) scan whose lungs span slices 8..55, opacity heaviest on 18..21."""
+  hu = np.full((depth, 96, 96), -1000, np.int16)
+  yy, xx = np.mgrid[:96, :96]
+  body = ((yy - 48) / 40) ** 2 + ((xx - 48) / 44) ** 2 < 1
+  hu[:, body] = 40
+  lung = np.zeros(hu.shape, bool)
+  for cx in (28, 68):
+    lung[8:56, ((yy - 50) / 30) ** 2 + ((xx - cx) / 14) ** 2 < 1] = True
+  hu[lung] = -850
+  labels = np.zeros(hu.shape, np.uint8)
+  for z in range(8, 56):
+    size = 10 if 18 <= z <= 21 else 3  # the heaviest slices lie within 5 mm of each other
+    labels[z, 40:40 + size, 20:20 + size] = 1
+  labels[2, 45:60, 45:60] = 1  # below the lungs (bowel gas): never a key slice
+  return hu, labels, lung, dz
+
+
+def test_key_slices_lie_in_the_lungs_and_15_mm_apart_when_the_disease_allows():
+  hu, labels, lung, dz = _chest()
+  zs = ki.key_slices(labels, lung=lung, spacing_z=dz)
+  assert zs[0] == 18  # the most opacity (ties: lower z)
+  assert zs == [18, 30, 42] and all(8 <= z < 56 for z in zs)  # 12 slices = 15 mm
+  assert min(abs(a - b) for i, a in enumerate(zs) for b in zs[i + 1:]) * dz >= 15.0
+  assert ki.key_slices(labels) == [2, 18, 19]  # no lung, no spacing: the old ranking
+  # Disease on three adjacent slices only: no spread possible, they are shown all the same.
+  tight = np.zeros_like(labels)
+  tight[19:22, 40:45, 20:25] = 1
+  assert sorted(ki.key_slices(tight, lung=lung, spacing_z=dz)) == [19, 20, 21]
+  # No disease: the centres of three slabs of the lungs' extent 8..55, 8 + 8, 8 + 24, 8 + 40.
+  assert ki.key_slices(np.zeros_like(labels), lung=lung, spacing_z=dz) == [16, 32, 48]
+
+
+def _texts(fig):
+  """Every visible, non-empty text on the page (titles, ticks, letters, legend) with its box."""
+  from matplotlib.text import Text
+  renderer = fig.canvas.get_renderer()
+  hidden = {id(t) for ax in fig.axes if not ax.axison  # tick labels of axes drawn without axis
+            for t in ax.get_xticklabels() + ax.get_yticklabels()}
+  return [(t.get_text(), t.get_window_extent(renderer)) for t in fig.findobj(Text)
+          if t.get_visible() and t.get_text().strip() and id(t) not in hidden]
+
+
+def test_page_of_a_chest_names_slices_by_table_and_image_and_no_text_overlaps(tmp_path):
+  hu, labels, lung, dz = _chest()
+  report = {"name": "chest", "lov_ml": 1.0, "lung_volume_ml": 900.0, "poi_percent": 0.1,
+            "num_lesions": 1, "num_classes": 1,
+            "lung_rule": {"applied": True, "rule": "opacity kept within 5 mm of the lung mask",
+                          "removed_ml": 0.25},
+            "warnings": ["a long warning " * 12] * 6}
+  table = -200.0 + dz * np.arange(hu.shape[0])  # slice 18 at -177.5 mm
+  kw = dict(spacing_xyz=(0.7, 0.7, dz), report=report, model="m", date="2026-01-02",
+            lung=lung, table_mm=table, instance_number=lambda z: hu.shape[0] - z)
+  fig = ki.key_image_figure(hu, labels, **kw)
+  fig.canvas.draw()
+  assert _panel(fig, "1: axial z 18,").get_title() == (
+      "1: axial z 18, table -177.5 mm, image 46\nopacity 0.49 cm², 0.06 ml")  # 100 px
+  texts = _texts(fig)
+  assert any("Lung rule: opacity kept within 5 mm of the lung mask; 0.25 ml outside removed"
+             in t for t, _ in texts)
+  for i, (a, box_a) in enumerate(texts):
+    for b, box_b in texts[i + 1:]:
+      assert not box_a.overlaps(box_b), (a, b)
+  _write(tmp_path, hu, labels, report,
+         **{k: v for k, v in kw.items() if k not in ("report", "model", "date")})
+
+
+def test_page_of_a_scan_without_lung_says_so(tmp_path):
+  hu, labels, lung, dz = _chest()
+  report = {"name": "abdomen", "lov_ml": None, "lung_volume_ml": 0.0, "poi_percent": None,
+            "num_lesions": 0, "num_classes": 1, "warnings": ["no lung found"]}
+  empty = np.zeros(hu.shape, np.uint8)
+  fig = ki.key_image_figure(hu, empty, spacing_xyz=(0.7, 0.7, dz), report=report, model="m",
+                            date="2026-01-02", lung=np.zeros_like(lung))
+  fig.canvas.draw()
+  assert fig.get_suptitle() == "abdomen: key images (no lung found: not quantified)"
+  texts = [t for t, _ in _texts(fig)]
+  assert "no lung found" in texts
+  assert "Lung opacification volume (LOV): n/a" in "\n".join(texts)
 
 
 # ----------------------------------------------------------------------------- text panel
@@ -306,7 +407,7 @@ def _bad_cases(tmp_path):
       dict(spacing=(0.8, 0.0, 2.5)), dict(spacing=(0.8, 0.8)), dict(spacing=None),
       dict(window=(150, -1350)), dict(report=[1]),
       dict(png=tmp_path / "x.jpg"), dict(pdf=tmp_path / "missing" / "x.pdf"),
-      dict(pdf=tmp_path / "x.png"),
+      dict(pdf=tmp_path / "x.png"), dict(lung=np.zeros((3, 4, 4), bool)),
   ]
 
 
@@ -316,7 +417,8 @@ def test_bad_requests_raise_one_line_and_write_nothing(tmp_path):
     a = {**ok, **change}
     with pytest.raises(ki.KeyImageError) as e:
       ki.write_key_images(a["png"], a["pdf"], a["image"], a["labels"], spacing_xyz=a["spacing"],
-                          report=a["report"], model="m", date="2026-01-02", hu_window=a["window"])
+                          report=a["report"], model="m", date="2026-01-02", hu_window=a["window"],
+                          lung=a.get("lung"))
     message = str(e.value)
     assert isinstance(e.value, ValueError) and "\n" not in message, change
     assert "x.png" in message or "x.jpg" in message or "x.pdf" in message, message

@@ -109,7 +109,8 @@ def test_every_stored_orientation_gives_the_same_numbers(shifted_workdir, tmp_pa
   for name in forms:
     key = name.replace(" ", "_").replace(",", "")
     [reports[name]] = segment.run([str(shifted_workdir)], str(tmp_path / "in" / key / "scan.nii.gz"),
-                                  str(tmp_path / "out" / key), progress=False)
+                                  str(tmp_path / "out" / key), progress=False,
+                                  lung_rule=False)  # the tiny model's marks are mostly body
   base = reports["axial"]
   assert base["lov_ml"] > 0 and base["lung_volume_ml"] > 0
   reference_mask = sitk.ReadImage(str(tmp_path / "out" / "axial" / "scan_mask.nii.gz"))

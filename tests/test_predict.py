@@ -136,8 +136,9 @@ def test_masks_keep_the_input_geometry_nifti_and_dicom(shifted_workdir, scans, t
   root, scan = scans
   for name, source in (("oblique", root / "oblique.nii.gz"), ("series", root / "series")):
     out = tmp_path / name
+    # The tiny model marks body as much as lung: without the lung rule its mask has volume.
     [report] = segment.run([str(shifted_workdir)], str(source), str(out), save_probabilities=True,
-                           progress=False)
+                           progress=False, lung_rule=False)
     want = ct_io.read_ct(source).geometry
     for kind in ("mask", "probability"):
       image = sitk.ReadImage(str(out / f"{name}_{kind}.nii.gz"))

@@ -28,6 +28,7 @@ import SimpleITK as sitk
 
 from scoat_jax.common import fileio
 from scoat_jax.data import ct_io
+from scoat_jax.data.palette import LABEL_RGB
 
 DEFAULT_MODEL_DESCRIPTION = "SCOAT-Net lung opacification segmentation"
 # (code value, coding scheme, code meaning) of the coded concepts (PS3.16).
@@ -37,11 +38,11 @@ LUNG = ("39607008", "SCT", "Lung")  # the anatomic region of every segment
 # Ground glass opacity and Opacity are DICOM's own codes (CID 6104, Abnormal Opacity
 # Finding): pydicom's SNOMED CT concepts hold no ground glass opacity, opacity or
 # consolidation. Consolidation is SNOMED CT 95436008 "Lung consolidation" (not in pydicom's
-# tables). Display colours follow `writers`' PNG palette (red, green).
+# tables). Display colours are `data.palette`'s, as on the key images and mask PNGs.
 SEGMENTS = {
-    1: (("Lung opacity", ("112001", "DCM", "Opacity"), (255, 0, 0)),),
-    3: (("Ground-glass opacity", ("112120", "DCM", "Ground glass opacity"), (255, 0, 0)),
-        ("Consolidation", ("95436008", "SCT", "Lung consolidation"), (0, 200, 0))),
+    1: (("Lung opacity", ("112001", "DCM", "Opacity"), LABEL_RGB[1]),),
+    3: (("Ground-glass opacity", ("112120", "DCM", "Ground glass opacity"), LABEL_RGB[1]),
+        ("Consolidation", ("95436008", "SCT", "Lung consolidation"), LABEL_RGB[2])),
 }
 _LONG_STRING = 64  # DICOM LO: at most 64 characters
 _MAX_SERIES_NUMBER = 2**31 - 1  # DICOM IS

@@ -62,6 +62,23 @@ def window_hu(hu, window: Sequence[float] = HU_WINDOW) -> np.ndarray:
   return (np.clip(x, np.float32(lo), np.float32(hi)) - np.float32(lo)) / np.float32(hi - lo)
 
 
+def hu_to_uint8(hu, window: Sequence[float]) -> np.ndarray:
+  """CT in HU as an 8-bit export of it would be: windowed to [lo, hi], rounded to 0..255.
+
+  How a model trained on 8-bit exports reads a volume in HU: with the
+  window its exports were made with (`data.export_window`), then normalised
+  as its training slices were (`normalize(..., 'uint8', uint8_mode=...)`).
+
+  Args:
+    hu: array of HU values.
+    window: (lo, hi) in HU; lo maps to 0, hi to 255.
+
+  Returns:
+    uint8 array of the same shape.
+  """
+  return np.rint(window_hu(hu, window) * np.float32(255.0)).astype(np.uint8)
+
+
 def _check_uint8(img) -> np.ndarray:
   arr = np.asarray(img)
   if arr.dtype != np.uint8 and arr.size:

@@ -15,12 +15,11 @@ import re
 import numpy as np
 
 from scoat_jax.common.fileio import atomic_write, write_text
-from scoat_jax.data import ct_io
+from scoat_jax.data import ct_io, palette as palette_lib
 
 # The files `predict` writes per input (followup and report name theirs apart).
 OUTPUT_NAME = re.compile(r"_(mask\.nii\.gz|mask\.png|probability\.nii\.gz|probability\.png"
                          r"|report\.json|report\.png|report\.pdf|seg\.dcm|attention(_z\d+)?\.png)$")
-_PALETTE = [0, 0, 0, 255, 0, 0, 0, 200, 0]  # 0 black, 1 red (GGO/opacity), 2 green
 
 
 class WriteError(ValueError):
@@ -44,12 +43,12 @@ def write_json(data: dict, path: pathlib.Path) -> pathlib.Path:
 
 
 def write_png(array: np.ndarray, path: pathlib.Path, *, palette: bool = False) -> pathlib.Path:
-  """Writes an (H, W) 0..255 array as an 8-bit PNG; `palette` colours label indices 0/1/2."""
+  """Writes an (H, W) 0..255 array as an 8-bit PNG; `palette` colours labels 0/1/2 (`data.palette`)."""
   from PIL import Image
   image = Image.fromarray(np.ascontiguousarray(array, np.uint8), mode="L")
   if palette:
     image = image.convert("P")
-    image.putpalette(_PALETTE + [0, 0, 0] * 253)
+    image.putpalette(palette_lib.png_palette())
   return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 

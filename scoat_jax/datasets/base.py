@@ -33,6 +33,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from scoat_jax.data import export_window
+
 INDEX_VERSION = 1
 FLAG_LUNG = 1
 FLAG_OPACITY = 2
@@ -195,10 +197,14 @@ class SliceBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, dl_manager):
     scans, record = [], 0
+    # 8-bit exports: the HU window they were made with, for reading CT later (`export_window`).
+    window = export_window.Estimator() if self.INTENSITY == "uint8" else None
     for case_id, scan_id, examples, extra in self._scans(dl_manager):
       start, flags = record, []
       for ex in examples:
         flags.append(slice_flags(ex["mask"], ex.get("lung")))
+        if window is not None:
+          window.add(ex["image"])
         # Increasing integer keys + disable_shuffling: record i is the i-th
         # example generated, which is what makes the index valid.
         yield record, ex
@@ -210,6 +216,11 @@ class SliceBuilder(tfds.core.GeneratorBasedBuilder):
       raise DatasetError(f"{self.name}/{self.builder_config.name if self.builder_config else ''}: "
                          "no slice was kept; check the input folder and the --slices filter")
     self.info.metadata["scans"] = scans
+    if window is not None:
+      try:
+        self.info.metadata["export_window"] = window.result()
+      except export_window.ExportWindowError as e:  # kept as unknown: HU input then warns
+        self.info.metadata["export_window"] = {"window_hu": None, "error": str(e)}
 
 
 @dataclasses.dataclass

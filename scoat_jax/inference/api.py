@@ -106,6 +106,7 @@ def _read(scan, spacing, origin, series_id) -> tuple[str, str, Loaded]:
 def segment(scan, model, *, spacing: Sequence[float] | None = None,
             origin: Sequence[float] | None = None, tta: bool = False,
             lung_mask=None, postprocessing: bool = True, skip_outside_lung: bool = True,
+            lung_rule: bool = True,
             series_id: str | None = None, config=None, batch_size: int = 0) -> Result:
   """Segments and quantifies one scan, as `python -m scoat_jax.predict` does.
 
@@ -119,6 +120,8 @@ def segment(scan, model, *, spacing: Sequence[float] | None = None,
       the scan's grid (any value > 0 is lung).
     postprocessing: apply the bundle's post-processing rule.
     skip_outside_lung: no network pass beyond the lungs' extent along z.
+    lung_rule: keep only opacity within 5 mm of the lung (`inference.lung_rule`);
+      a scan without lung then gets LOV and POI None.
     series_id: the DICOM series of a folder holding several.
     config: the config PyTorch weights are read with.
     batch_size: slices per forward pass (0: automatic).
@@ -142,7 +145,8 @@ def segment(scan, model, *, spacing: Sequence[float] | None = None,
                   result.labels)
   lung = _lung(lung_mask, data)
   result = scan_lib.run_volume(predictor, data, lung=lung, rule=rule,
-                               skip_outside_lung=skip_outside_lung, with_probability=True)
+                               skip_outside_lung=skip_outside_lung, with_probability=True,
+                               lung_rule=lung_rule)
   report = scan_lib.report(predictor, name, source, data, result, _label(predictor))
   turn = data.reorientation
   labels, prob = turn.to_stored(result.labels), turn.to_stored(result.probability)

@@ -96,7 +96,8 @@ def write(output: str | pathlib.Path, members: Sequence[dict], *, preprocessing:
     output: the bundle folder; must not exist.
     members: per model {'config': dict, 'variables': {'params', 'batch_stats'},
       'provenance': JSON-ready dict (dataset, fold, step, validation, source)}.
-    preprocessing: {'intensity', 'hu_window', 'uint8_normalization', 'image_size'}.
+    preprocessing: {'intensity', 'hu_window', 'uint8_normalization', 'image_size',
+      'export_window' (8-bit models: the window estimated from their exports, or None)}.
     postprocessing: the rule (`inference.postprocessing`), or None.
     model_name, num_classes: what every member is.
 
@@ -206,5 +207,7 @@ def read(path: str | pathlib.Path) -> Bundle:
     variables.setdefault("batch_stats", {})
     meta = {k: v for k, v in entry.items() if k != "path"}
     meta.setdefault("intensity", index.get("preprocessing", {}).get("intensity", "hu"))
+    if index.get("preprocessing", {}).get("export_window"):
+      meta.setdefault("export_window", index["preprocessing"]["export_window"])
     members.append(Member(folder, config, variables, meta))
   return Bundle(path, members, rule, index)

@@ -131,6 +131,31 @@ def choose_postprocessing(models: Sequence[LoadedModel], *, data_dir: str | None
   return postprocessing.choose(cases)
 
 
+def _export_window(model, data_dir: str | None) -> dict | None:
+  """An 8-bit model's export window: from its checkpoint, else from its training dataset
+  (checkpoints saved before the window was stored), else None (HU then warns)."""
+  from absl import logging
+  if model.intensity != "uint8":
+    return None
+  if model.export_window is not None:
+    return dict(model.meta["export_window"])
+  from scoat_jax.datasets import base as ds_base
+  try:
+    found = ds_base.open_source(str(model.config.data.name), data_dir).metadata.get(
+        "export_window")
+  except ValueError:
+    found = None
+  if found and found.get("window_hu"):
+    logging.info("export window %s HU taken from dataset %s", found["window_hu"],
+                 model.config.data.name)
+    return dict(found)
+  logging.warning("%s: trained on 8-bit exports whose HU window is unknown (its dataset was "
+                  "built before the window was estimated); HU volumes will be read through "
+                  "%s HU. Rebuild the dataset with --overwrite and export again to store it.",
+                  model.step_dir, list(model.hu_window))
+  return None
+
+
 def run(checkpoints: Sequence[str], output: str, *, postprocessing_mode: str = "cv",
         postprocessing_from: str | None = None, overwrite: bool = False,
         data_dir: str | None = None, config=None) -> dict:
@@ -174,9 +199,11 @@ def run(checkpoints: Sequence[str], output: str, *, postprocessing_mode: str = "
   first = models[0]
   members = [{"config": m.config.to_dict(), "variables": m.variables, "provenance": provenance(m)}
              for m in models]
-  preprocessing = {"intensity": first.intensity, "hu_window": list(first.hu_window),
+  window = _export_window(first, data_dir)
+  preprocessing = {"intensity": first.intensity,
+                   "hu_window": list(window["window_hu"] if window else first.hu_window),
                    "uint8_normalization": first.uint8_normalization,
-                   "image_size": first.image_size}
+                   "image_size": first.image_size, "export_window": window}
   target = output
   if output.exists():  # --overwrite: the new bundle is complete before the old one goes
     target = output.parent / f".{output.name}.new"

@@ -80,7 +80,21 @@ class LoadedModel:
 
   @property
   def hu_window(self) -> tuple[float, float]:
+    """The window HU volumes are read through: for a model trained on 8-bit exports the
+    window estimated from those exports (`export_window`), else config.data.hu_window."""
+    if self.export_window is not None:
+      return self.export_window
     return tuple(float(v) for v in self.config.data.get("hu_window", HU_WINDOW))
+
+  @property
+  def export_window(self) -> tuple[float, float] | None:
+    """The HU window its 8-bit training exports were made with, as estimated from them
+    (`data.export_window`, stored in its meta and bundle), or None (HU-trained, or trained
+    on a dataset built before the estimate was stored)."""
+    found = self.meta.get("export_window") if self.intensity == "uint8" else None
+    if not isinstance(found, dict) or not found.get("window_hu"):
+      return None
+    return tuple(float(v) for v in found["window_hu"])
 
   @property
   def uint8_normalization(self) -> str:
@@ -298,7 +312,10 @@ def load_ensemble(paths: Sequence[str | pathlib.Path], *,
     seen[m.step_dir] = p
     for what, a, b in (("input size (config.data.image_size)", m.image_size, first.image_size),
                        ("number of classes", m.num_classes, first.num_classes),
-                       ("HU window (config.data.hu_window)", m.hu_window, first.hu_window),
+                       ("training intensity (HU or 8-bit exports)", m.intensity,
+                        first.intensity),
+                       ("HU window (config.data.hu_window, or its exports' window)",
+                        m.hu_window, first.hu_window),
                        ("8-bit normalisation (config.data.uint8_normalization)",
                         m.uint8_normalization, first.uint8_normalization),
                        ("threshold (config.predict_threshold)", m.threshold, first.threshold),

@@ -17,6 +17,11 @@ iterator `batch_size` at a time, and at most two batches are in flight (the
 host prepares batch k + 1 and un-warps batch k - 1 while the devices run
 batch k). Only the (z, y, x) outputs grow with the scan.
 
+A model trained on 8-bit exports (`LoadedModel.intensity == 'uint8'`) gets
+HU slices as such an export would show them: windowed by the window
+estimated from its exports (`data.export_window`) and rounded to 0..255,
+then normalised as its 8-bit training slices were.
+
 Several checkpoints (a fold ensemble) average their probabilities; they must
 share the input size, classes and HU window (folds of one config do). Flip
 test-time augmentation averages the prediction of the slice and of its
@@ -40,7 +45,7 @@ from absl import logging
 
 from scoat_jax.common import parallel
 from scoat_jax.data import preprocess
-from scoat_jax.data.intensity import normalize
+from scoat_jax.data.intensity import hu_to_uint8, normalize
 from scoat_jax.inference.loading import InferenceError, LoadedModel
 from scoat_jax.models import outputs
 
@@ -165,17 +170,26 @@ class Predictor:
     self.image_size, self.num_classes, self.hu_window = (
         first.image_size, first.num_classes, first.hu_window)
     self.uint8_mode = first.uint8_normalization
+    # A model trained on 8-bit exports reads HU as such an export: windowed, rounded to 0..255.
+    self.hu_as_uint8 = first.intensity == "uint8"
     self._variables = jax.device_put(tuple(m.variables for m in self.models),
                                      parallel.replicated(self.mesh))
     self._forward = _forward_fn(tuple(m.model for m in self.models),
                                 tuple(m.average_heads for m in self.models),
                                 self.num_classes, self.tta, self.mesh, first.threshold)
 
+  def _as_trained(self, image: np.ndarray, source: str) -> tuple[np.ndarray, str]:
+    """HU for a model trained on 8-bit exports -> the export its window would give."""
+    if source == "hu" and self.hu_as_uint8:
+      return hu_to_uint8(image, self.hu_window), "uint8"
+    return image, source
+
   def prepare(self, image: np.ndarray, source: str) -> np.ndarray:
     """One raw slice -> the (S, S) float32 network input, exactly as in training."""
     image = np.asarray(image)
     if image.ndim != 2 or min(image.shape) < 1:
       raise InferenceError(f"a slice must be a 2-D (H, W) array, got shape {image.shape}")
+    image, source = self._as_trained(image, source)
     out, _ = preprocess.prepare_slice(
         image, np.zeros(image.shape, np.uint8), source=source, window=self.hu_window,
         size=self.image_size, num_classes=self.num_classes, uint8_mode=self.uint8_mode)
@@ -183,7 +197,8 @@ class Predictor:
 
   def display_image(self, image: np.ndarray, source: str) -> np.ndarray:
     """A raw slice normalised to [0, 1] on its own grid, as the model sees its intensities."""
-    return normalize(np.asarray(image), source, window=self.hu_window,
+    image, source = self._as_trained(np.asarray(image), source)
+    return normalize(image, source, window=self.hu_window,
                      uint8_mode=self.uint8_mode)
 
   def predict_slices(self, slices: Iterable[np.ndarray], *, source: str = "hu"

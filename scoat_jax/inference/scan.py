@@ -6,12 +6,18 @@ each scan through these steps, so they report the same numbers:
 1. the lung mask: the one given (`--lung_mask`, checked against the scan's
    grid) or the classical one (`data.lung_mask`);
 2. the network on the axial slices within the lungs' extent along z, widened
-   by `MARGIN_MM` above and below (`skip_outside_lung`, on by default): slices
-   of the neck and abdomen get an empty mask without a forward pass. Without
-   lung in the scan every slice is segmented;
-3. post-processing (`inference.postprocessing`): the rule of the model's
+   above and below by the lung rule's margin, or by `MARGIN_MM` without the
+   rule (`skip_outside_lung`, on by default): slices of the neck and abdomen
+   get an empty mask without a forward pass. Without lung in the scan every
+   slice is segmented when the rule is off, and none when it is on;
+3. the lung rule (`inference.lung_rule`, on by default): labels farther than
+   its margin from the lung mask are dropped; without lung the scan is not
+   quantified (LOV and POI None, with a warning);
+4. post-processing (`inference.postprocessing`): the rule of the model's
    bundle, if any and not turned off;
-4. quantification (`inference.quantify`) with the same lung mask.
+5. quantification (`inference.quantify`) with the same lung mask.
+
+The probability map stays the network's own output, before steps 3 and 4.
 
 2-D slices (8-bit exports) have no HU, hence no lung mask: every slice goes
 through the network and only the pixel rule of post-processing applies.
@@ -27,6 +33,7 @@ import numpy as np
 from scoat_jax.data import ct_io
 from scoat_jax.data import lung_mask as lung_mask_lib
 from scoat_jax.data.readers import Loaded
+from scoat_jax.inference import lung_rule as lung_rule_lib
 from scoat_jax.inference import postprocessing, quantify
 
 # Slices this far (mm) beyond the lung mask's first and last slice still go
@@ -73,7 +80,8 @@ def network_range(lung: np.ndarray | None, spacing_xyz, depth: int,
 
 def run_volume(predictor, data: Loaded, *, lung: np.ndarray | None = None,
                rule: dict | None = None, skip_outside_lung: bool = True,
-               with_probability: bool = False, progress=None) -> ScanResult:
+               with_probability: bool = False, progress=None,
+               lung_rule: bool = True) -> ScanResult:
   """Segments and quantifies one CT volume (see the module docstring).
 
   Args:
@@ -84,21 +92,40 @@ def run_volume(predictor, data: Loaded, *, lung: np.ndarray | None = None,
     skip_outside_lung: segment only the slices within the lungs' extent.
     with_probability: also return P(opacity).
     progress: called with the number of slices done.
+    lung_rule: apply the lung rule (`inference.lung_rule`): keep only
+      opacity within its margin of the lung mask; a scan without lung is then
+      not quantified.
   """
   hu, geometry = data.array, data.geometry
   source = "external" if lung is not None else "classical"
   t0 = time.time()
   if lung is None:
     lung = lung_mask_lib.lung_mask(hu, geometry.spacing)
-  z0, z1 = (network_range(lung, geometry.spacing, hu.shape[0]) if skip_outside_lung
-            else (0, hu.shape[0]))
+  no_lung = lung_rule and not lung.any()
+  if no_lung:  # nothing can stay: no network pass
+    z0 = z1 = 0
+  elif skip_outside_lung:
+    # With the rule, slices beyond its margin cannot keep a label.
+    z0, z1 = network_range(lung, geometry.spacing, hu.shape[0],
+                           lung_rule_lib.MARGIN_MM if lung_rule else MARGIN_MM)
+  else:
+    z0, z1 = 0, hu.shape[0]
   t1 = time.time()
   labels, prob = predictor.predict_volume(hu, with_probability=with_probability,
                                           progress=progress, z_range=(z0, z1))
   t2 = time.time()
+  if lung_rule:
+    labels, lung_summary = lung_rule_lib.apply(labels, lung, geometry.spacing)
+  else:
+    lung_summary = {"applied": False, "lung_found": bool(lung.any()),
+                    "rule": lung_rule_lib.describe(False)}
   labels, post = postprocessing.apply(labels, rule, spacing_xyz=geometry.spacing, lung=lung)
   stats = quantify.quantify_volume(labels, geometry, lung=lung,
                                    num_classes=predictor.num_classes)
+  if no_lung:
+    stats.update(lov_ml=None, poi_percent=None)
+    stats["warnings"] = [lung_rule_lib.NO_LUNG_WARNING]
+  stats["lung_rule"] = lung_summary
   stats["seconds"] = {"lung_mask": round(t1 - t0, 3), "network": round(t2 - t1, 3),
                       "quantify": round(time.time() - t2, 3)}
   stats["lung_mask"] = source

@@ -147,6 +147,7 @@ class Options:
   skip_outside_lung: bool = True
   lung_mask: str | None = None
   series_id: str | None = None
+  lung_rule: bool = True
 
 
 def lung_mask_path(lung_mask: str | None, item: Item, single: bool) -> pathlib.Path | None:
@@ -207,7 +208,7 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
         progress: bool = True, items: Sequence[Item] | None = None,
         series_id: str | None = None, output_format: str = "nifti", key_images: bool = True,
         postprocess: bool = True, skip_outside_lung: bool = True, lung_mask: str | None = None,
-        config=None) -> list[dict]:
+        config=None, lung_rule: bool = True) -> list[dict]:
   """Predicts and quantifies every input; the programmatic form of the CLI.
 
   Args:
@@ -230,6 +231,7 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
     postprocess: apply the bundle's post-processing rule.
     skip_outside_lung: no network pass on slices beyond the lungs' extent.
     lung_mask: an external lung mask file (one scan) or folder (`<name>[_lung].*`).
+    lung_rule: CT volumes keep only opacity near the lung (`inference.lung_rule`).
     config: the config PyTorch weights are read with.
 
   Returns:
@@ -246,7 +248,7 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
   items = list(readers.discover_inputs(input_path) if items is None else items)
   options = Options(tta, save_probabilities, save_attention, tuple(attention_slices),
                     output_format, key_images, postprocess, skip_outside_lung, lung_mask,
-                    series_id)
+                    series_id, lung_rule)
   _check_options(options, items)
   check_output(output, overwrite=overwrite)
   inference.check_batch_size(batch_size)  # a bad flag is refused before the scans are read
@@ -273,8 +275,14 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
     raise PredictError(f"--save_attention: {models[0].config.model_name} has no attention maps "
                        f"(networks with maps: {', '.join(with_maps)}); drop the flag.")
   if any(i.kind == "volume" for i in items) and models[0].intensity == "uint8":
-    logging.warning("the model was trained on 8-bit slice exports; HU volumes are windowed to "
-                    "%s HU for it", models[0].hu_window)
+    if models[0].export_window is not None:
+      logging.info("the model was trained on 8-bit slice exports; HU volumes are read through "
+                   "the window estimated from them, %g..%g HU", *models[0].hu_window)
+    else:
+      logging.warning("the model was trained on 8-bit slice exports whose HU window it does not "
+                      "store (trained on a dataset built before the estimate); HU volumes are "
+                      "windowed to config.data.hu_window %g..%g HU for it: rebuild the dataset "
+                      "and export a bundle to store it", *models[0].hu_window)
   predictor = inference.Predictor(models, tta=tta, batch_size=batch_size)
   try:
     output.mkdir(parents=True, exist_ok=True)
@@ -337,6 +345,7 @@ def _predictions(predictor, items, kept, lungs, options: Options, rule, progress
               logging.info("%s: %d/%d slices, %.1f s", name, n, depth, time.time() - t0)
           result = scan.run_volume(predictor, data, lung=lung, rule=rule,
                                    skip_outside_lung=options.skip_outside_lung,
+                                   lung_rule=options.lung_rule,
                                    with_probability=options.save_probabilities, progress=advance)
       # Volumes time their own steps (lung mask, network, quantify) in result.stats.
       yield item, data, result, ({"network": round(time.time() - t0, 3)}
@@ -380,13 +389,36 @@ def _finish(predictor, item: Item, data: tuple, result, output: pathlib.Path, op
   report["outputs"] = written
   if options.key_images:
     from scoat_jax.inference import key_images
+    volume = geometry is not None
     key_images.write_key_images(
         paths["key_images_png"], paths["key_images_pdf"], array, labels,
-        spacing_xyz=None if geometry is None else geometry.spacing, report=report, model=model,
-        date=time.strftime("%Y-%m-%d"), title=item.name)
+        spacing_xyz=geometry.spacing if volume else None, report=report, model=model,
+        date=time.strftime("%Y-%m-%d"), title=item.name,
+        lung=result.lung if volume else None,
+        table_mm=key_images.table_positions(geometry) if volume else None,
+        instance_number=_instance_numbers(item, turn, options) if volume else None)
   report["seconds"] = {**report.pop("seconds", {}), **seconds, "write": round(time.time() - t0, 3)}
   writers.write_json(report, paths["report"])
   return report
+
+
+def _instance_numbers(item: Item, turn, options: Options):
+  """For a DICOM series read as axial slices: canonical z -> the slice's InstanceNumber (the
+  image number a viewer shows), else None (non-DICOM input, or a series stored otherwise)."""
+  if not item.path.is_dir() or turn is None or turn.source_axis[2] != 2:
+    return None
+  import pydicom
+  from scoat_jax.data import dicom_seg
+  files = dicom_seg.series_files(item.path, options.series_id)
+
+  def number(z: int):
+    stored = turn.axial_slice(z)["stored_index"]
+    if not 0 <= stored < len(files):
+      return None
+    value = pydicom.dcmread(files[stored], stop_before_pixels=True,
+                            specific_tags=["InstanceNumber"]).get("InstanceNumber")
+    return int(value) if value not in (None, "") else None
+  return number
 
 
 def _write_dicom_seg(stored: np.ndarray, item: Item, path: pathlib.Path, num_classes: int,

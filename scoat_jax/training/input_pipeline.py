@@ -113,6 +113,12 @@ def intensity(data_cfg) -> str:
   return _open(data_cfg).intensity
 
 
+def export_window(data_cfg) -> dict | None:
+  """The HU window estimated from an 8-bit dataset's slices (`data.export_window`), or None."""
+  found = _open(data_cfg).metadata.get("export_window")
+  return dict(found) if found else None
+
+
 def _split_scans(data_cfg, ds: ds_base.SliceDataset, split: str) -> list[ds_base.ScanEntry]:
   if split not in _SPLITS:
     raise PipelineError(f"split={split!r} is unknown; choose one of {_SPLITS}")

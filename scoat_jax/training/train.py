@@ -144,6 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    checkpoints.KEEP_LATEST)
     meta = {"config": checkpoints.config_to_dict(config), "total_steps": total_steps,
             "intensity": input_pipeline.intensity(config.data)}
+    if meta["intensity"] == "uint8":
+      meta["export_window"] = input_pipeline.export_window(config.data)
     batches = input_pipeline.train_batches(
         config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
 
