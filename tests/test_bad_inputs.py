@@ -79,7 +79,37 @@ def inputs(tmp_path_factory) -> pathlib.Path:
   (d / "empty").mkdir()
   (d / "dates.csv").write_text("path,date\nnowhere.nii.gz,2020-01-01\n")
   (d / "imagesTr").mkdir()
+  _bad_dicom(d, geometry)
+  nii = _write(_hu(), d / "qsform.nii")
+  data = bytearray(nii.read_bytes())            # srow_z: the sform's slices 7% thicker
+  data[320:324] = struct.pack("<f", struct.unpack("<f", data[320:324])[0] * 1.07)
+  nii.write_bytes(bytes(data))
+  hu = _hu().astype(np.int32) - 1024            # a doubled RescaleIntercept
+  _write(hu, d / "intercept_twice.nii.gz")
+  (d / "linked").mkdir()
+  _write(_hu(), d / "linked" / "a.nii.gz")
+  os.symlink(d / "gone.nii.gz", d / "linked" / "b.nii.gz")
   return d
+
+
+def _bad_dicom(d: pathlib.Path, geometry) -> None:
+  """DICOM series that ITK alone would read wrongly without a word."""
+  import pydicom
+  for name in ("truncated_slice", "no_position", "odd_spacing", "beside_nifti"):
+    dicom_writer.write_dicom_series(_hu(), geometry, d / name, patient_id="P",
+                                    study_date="20200101")
+  last = sorted((d / "truncated_slice").iterdir())[-1]
+  last.write_bytes(last.read_bytes()[:-500])
+  for name, change in (("no_position", ("ImagePositionPatient", "SliceLocation")),
+                       ("odd_spacing", ())):
+    f = sorted((d / name).iterdir())[2]
+    ds = pydicom.dcmread(f)
+    for keyword in change:
+      delattr(ds, keyword)
+    if not change:
+      ds.PixelSpacing = [0.7, 0.7]
+    ds.save_as(f)
+  _write(_hu(), d / "beside_nifti" / "scan.nii.gz")
 
 
 def _cases(d: pathlib.Path, out: str = "out"):
@@ -113,6 +143,13 @@ def _cases(d: pathlib.Path, out: str = "out"):
       ("predict: unknown flag", [*predict, good, f"--output={out}", "--bogus"], "bogus"),
       ("predict: stray argument", [*predict, good, f"--output={out}", "stray"], "stray"),
       ("predict: empty input folder", [*predict, f"--input={d / 'empty'}", f"--output={out}"], "empty"),
+      ("predict: truncated DICOM slice", [*predict, f"--input={d / 'truncated_slice'}", f"--output={out}"], "IM00006.dcm: truncated"),
+      ("predict: DICOM slice without position", [*predict, f"--input={d / 'no_position'}", f"--output={out}"], "IM00003.dcm: lacks ImagePositionPatient"),
+      ("predict: DICOM slice of another pixel size", [*predict, f"--input={d / 'odd_spacing'}", f"--output={out}"], "IM00003.dcm: PixelSpacing"),
+      ("predict: NIfTI beside DICOM slices", [*predict, f"--input={d / 'beside_nifti'}", f"--output={out}"], "scan.nii.gz"),
+      ("predict: qform and sform disagree", [*predict, f"--input={d / 'qsform.nii'}", f"--output={out}"], "qsform.nii: the header's qform and sform disagree"),
+      ("predict: doubled intercept", [*predict, f"--input={d / 'intercept_twice.nii.gz'}", f"--output={out}"], "below -1200 HU"),
+      ("predict: broken link in a folder", [*predict, f"--input={d / 'linked'}", f"--output={out}"], "b.nii.gz is a broken link"),
       ("followup: no output", ["scoat_jax.followup", f"--reports={d / 'empty'}"], "--output"),
       ("followup: reports folder empty", ["scoat_jax.followup", f"--reports={d / 'empty'}", f"--output={out}"], "--reports"),
       ("followup: dates CSV missing", ["scoat_jax.followup", f"--checkpoint={CKPT}", f"--dates={d / 'no.csv'}", f"--output={out}"], "no.csv"),
@@ -137,7 +174,7 @@ def _cases(d: pathlib.Path, out: str = "out"):
 
 
 def _snapshot(root: pathlib.Path) -> dict:
-  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+  return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
           for p in sorted(root.rglob("*"))}
 
 

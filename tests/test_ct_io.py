@@ -19,7 +19,13 @@ ORIGIN = (-120.5, 33.25, -401.0)
 
 
 def _volume(shape=(5, 6, 7), seed=0):
-  return np.random.default_rng(seed).integers(-1024, 1500, shape).astype(np.int16)
+  """Random voxels as CT has them: soft tissue and fat, a third air, some bone."""
+  rng = np.random.default_rng(seed)
+  hu = rng.integers(-120, 80, shape)
+  kind = rng.random(shape)
+  hu[kind < 0.35] = rng.integers(-1024, -900, shape)[kind < 0.35]
+  hu[kind > 0.9] = rng.integers(300, 1500, shape)[kind > 0.9]
+  return hu.astype(np.int16)
 
 
 def _geometry(hu, direction="flipped_z"):

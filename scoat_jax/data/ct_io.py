@@ -8,7 +8,11 @@ whose one-line message names the path and says how to fix it.
 
 Formats: NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd), NRRD (.nrrd), and a
 directory holding a DICOM series (SimpleITK applies RescaleSlope/Intercept, so
-the voxels come back in Hounsfield units). Writers choose the format from the
+the voxels come back in Hounsfield units). What ITK would read wrongly without a
+word is checked around it: a series' grid slice by slice (`dicom_geometry`),
+NIfTI headers (`nifti_header`) and whether the values are HU (`hu_values`);
+what makes a readable grid doubtful (a gantry tilt, derived slice positions) is
+logged and kept as `CTVolume.warnings`. Writers choose the format from the
 suffix (.nii.gz, .nii, .mha, .nrrd; `dicom_writer` writes a DICOM series) and
 write to a temporary name beside the target before renaming it, so a crash
 never leaves half a file under the final name.
@@ -17,20 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
 import os
 import pathlib
-import struct
 import sys
-import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from scoat_jax.common import fileio
-from scoat_jax.data import orientation
+from scoat_jax.data import dicom_geometry, nifti_header, orientation
 from scoat_jax.data.geometry import CTError, Geometry  # noqa: F401 (ct_io.Geometry, ct_io.CTError)
+from scoat_jax.data.hu_values import check_hu  # noqa: F401 (ct_io.check_hu)
+from scoat_jax.data.nifti_header import check_complete as check_nifti_complete  # noqa: F401
 
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 READ_SUFFIXES = WRITE_SUFFIXES + (".mhd",)
@@ -60,6 +63,11 @@ class CTVolume:
   geometry: Geometry
   metadata: dict = dataclasses.field(default_factory=dict)
   reorientation: orientation.Reorientation | None = None
+
+  @property
+  def warnings(self) -> tuple[str, ...]:
+    """What makes the grid doubtful (gantry tilt, derived slice positions, NIfTI transforms)."""
+    return () if self.reorientation is None else self.reorientation.warnings
 
   @property
   def stored_geometry(self) -> Geometry:
@@ -101,16 +109,6 @@ def quiet_itk():
     sitk.ProcessObject.SetGlobalWarningDisplay(was)
 
 
-def _check_pixdim(path: pathlib.Path, pixdim) -> None:
-  # ITK reads a zero, negative or non-finite voxel size as 1 mm (with a warning
-  # on stderr): the volume would be measured on a made-up grid.
-  for axis, value in zip("xyz", pixdim):
-    if not np.isfinite(value) or value <= 0:
-      raise CTError(f"{path}: the header gives voxel size {value:g} mm along {axis} (pixdim); "
-                    "a reader would assume 1 mm and every volume would be wrong: fix the header "
-                    "or export the scan again.")
-
-
 def check_spacing(geometry: Geometry, path) -> None:
   """Raises CTError unless every voxel size lies in SPACING_RANGE_MM."""
   lo, hi = SPACING_RANGE_MM
@@ -118,81 +116,6 @@ def check_spacing(geometry: Geometry, path) -> None:
     if not lo <= value <= hi:
       raise CTError(f"{path}: voxel size {value:g} mm along {axis} is outside {lo:g}-{hi:g} mm, "
                     "not a CT grid (a header in m or um, or a broken export); fix the spacing.")
-
-
-def _nifti_header(header: bytes):
-  """(byte order, header size, dims, pixdim, datatype, bitpix, data offset) or None."""
-  for order in "<>":
-    sizeof = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
-    if sizeof == 348 and len(header) >= 348:          # NIfTI-1
-      return (order, sizeof, struct.unpack(order + "8h", header[40:56]),
-              struct.unpack(order + "8f", header[76:108]),
-              *struct.unpack(order + "2h", header[70:74]),
-              int(struct.unpack(order + "f", header[108:112])[0]))
-    if sizeof == 540 and len(header) >= 540:          # NIfTI-2
-      return (order, sizeof, struct.unpack(order + "8q", header[16:80]),
-              struct.unpack(order + "8d", header[104:168]),
-              *struct.unpack(order + "2h", header[12:16]),
-              struct.unpack(order + "q", header[168:176])[0])
-  return None
-
-
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float voxels
-
-
-def _check_finite(voxels: np.ndarray, path, order_note: str = "") -> None:
-  """Raises CTError naming how many voxels are NaN or Inf and where the first one is."""
-  bad = ~np.isfinite(voxels)
-  if bad.any():
-    first = tuple(int(v) for v in np.unravel_index(int(np.argmax(bad)), bad.shape))
-    raise CTError(f"{path}: {int(bad.sum())} voxel(s) are NaN or infinite (the first at "
-                  f"(z, y, x) = {first}{order_note}), a corrupt export; export the scan again.")
-
-
-def check_nifti_complete(path: str | pathlib.Path) -> None:
-  """Raises CTError for a NIfTI (.nii / .nii.gz) file ITK would read wrongly without a word.
-
-  ITK reads a NIfTI file that ends early (a broken download or copy) and fills
-  the missing voxels with whatever was in memory; it reads a zero or
-  non-finite voxel size as 1 mm; and it turns NaN and Inf voxels into 0. The
-  header says how many bytes the voxels take and their size; a .nii.gz is
-  decompressed in full, which also checks its CRC, and float voxels are
-  scanned for NaN and Inf. Other formats pass unchecked (ITK keeps their NaN).
-  """
-  path = pathlib.Path(path)
-  name = path.name.lower()
-  if not name.endswith((".nii", ".nii.gz")):
-    return
-  opener = gzip.open if name.endswith(".gz") else open
-  try:
-    with opener(path, "rb") as f:
-      header = f.read(544)
-      parsed = _nifti_header(header)
-      floats = parsed is not None and parsed[4] in _NIFTI_FLOATS
-      chunks, size = [header], len(header)
-      while chunk := f.read(1 << 22):
-        size += len(chunk)
-        if floats:
-          chunks.append(chunk)
-  except (OSError, EOFError, zlib.error) as e:
-    raise CTError(f"{path}: corrupt or truncated file ({str(e).splitlines()[0]}); copy or "
-                  "export the scan again.") from None
-  if parsed is None:
-    return
-  order, sizeof, dims, pixdim, datatype, bitpix, offset = parsed
-  if not 1 <= dims[0] <= 7:
-    return  # Not a header we understand: leave the verdict to ITK.
-  _check_pixdim(path, [pixdim[k] for k in range(1, min(dims[0], 3) + 1)])
-  voxels = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]]))
-  start = max(offset, sizeof)
-  expected = start + voxels * bitpix // 8
-  if size < expected:
-    raise CTError(f"{path}: truncated file ({size} of {expected} bytes); copy or export "
-                  "the scan again.")
-  if floats:
-    data = np.frombuffer(b"".join(chunks), order + _NIFTI_FLOATS[datatype], voxels, start)
-    _check_finite(data.reshape(tuple(reversed(dims[1:dims[0] + 1]))), path,
-                  order_note=" in the file's order")
 
 
 def first_line(err: Exception) -> str:
@@ -227,7 +150,7 @@ def _list_series(path: pathlib.Path, ids) -> str:
                    for uid in ids for tags, n in [series_tags(path, uid)])
 
 
-def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Image, dict]:
+def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Image, dict, list]:
   with quiet_itk():
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
   if not ids:
@@ -243,42 +166,31 @@ def _read_dicom_dir(path: pathlib.Path, series_id: str | None) -> tuple[sitk.Ima
   elif series_id not in ids:
     raise CTError(f"{path}: no DICOM series {series_id!r}; the folder holds "
                   f"{_list_series(path, ids)}")
-  files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_id)
+  with quiet_itk():
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_id)
+  # Every file and slice checked, in slice order, with the grid along the slice normal.
+  series = dicom_geometry.read_series(path, files, series_id)
   reader = sitk.ImageSeriesReader()
-  reader.SetFileNames(files)
+  reader.SetFileNames([str(f) for f in series.files])
   reader.MetaDataDictionaryArrayUpdateOn()
   try:
-    with quiet_itk():  # ITK's own non-uniform-spacing warning is replaced by the check below
+    with quiet_itk():  # ITK's own non-uniform-spacing warning: dicom_geometry checked the grid
       image = reader.Execute()
   except RuntimeError as e:
     raise CTError(f"{path}: cannot read DICOM series {series_id} ({first_line(e)}); "
                   "check the files are complete CT images") from None
-  _check_slice_positions(path, reader, image, len(files))
+  if tuple(image.GetSize()) != series.geometry.size:
+    raise CTError(f"{path}: the DICOM reader stacked a grid of size {image.GetSize()}, the "
+                  f"headers say {series.geometry.size}; export the series again")
+  series.geometry.apply_to(image)   # ITK's own spacing is the distance between positions
   meta = {k: reader.GetMetaData(0, t).strip() for k, t in DICOM_TAGS.items()
           if reader.HasMetaDataKey(0, t)}
-  return image, meta
+  return image, meta, list(series.warnings)
 
 
-def _check_slice_positions(path, reader: sitk.ImageSeriesReader, image: sitk.Image, n: int) -> None:
-  """Raises CTError for missing or duplicate slices (ITK would silently assume even spacing)."""
-  if n < 3 or not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(n)):
-    return
-  normal = np.reshape(image.GetDirection(), (3, 3))[:, 2]
-  pos = [
-      np.dot([float(v)
-              for v in reader.GetMetaData(i, "0020|0032").split("\\")], normal)
-      for i in range(n)
-  ]
-  steps = np.diff(pos)
-  if steps.min() <= 1e-3 or steps.max() - steps.min() > 0.01 * np.median(steps) + 1e-3:
-    raise CTError(
-        f"{path}: slice positions are not evenly spaced "
-        f"(steps {steps.min():.3g}..{steps.max():.3g} mm): "
-        "slices are missing or duplicated; give the complete series or resample it first")
-
-
-def _read_image(path, series_id: str | None = None) -> tuple[pathlib.Path, sitk.Image, dict]:
-  """Reads any supported file or DICOM directory, checking only that it is readable."""
+def _read_image(path, series_id: str | None = None) -> tuple[pathlib.Path, sitk.Image, dict, list]:
+  """Reads any supported file or DICOM directory, checking that it is readable and its grid
+  known; (path, image, DICOM tags, warnings about the grid)."""
   path = pathlib.Path(path)
   if not path.exists():
     raise CTError(f"{path}: no such file or directory; check the path (a .nii.gz/.mha/.nrrd file "
@@ -288,10 +200,11 @@ def _read_image(path, series_id: str | None = None) -> tuple[pathlib.Path, sitk.
   check_nifti_complete(path)
   try:
     with quiet_itk():
-      return path, sitk.ReadImage(str(path)), {}
+      image = sitk.ReadImage(str(path))
   except RuntimeError as e:
     raise CTError(f"{path}: unreadable or corrupt image ({first_line(e)}); re-export it as "
                   f"{'/'.join(READ_SUFFIXES)} or a DICOM series folder") from None
+  return path, image, {}, nifti_header.check_transforms(path, image)
 
 
 def _check_3d(path: pathlib.Path, image: sitk.Image, what: str) -> None:
@@ -319,32 +232,6 @@ def _to_hu_array(image: sitk.Image) -> np.ndarray:
   return arr.astype(np.float32, copy=False)
 
 
-def check_hu(hu: np.ndarray, path) -> None:
-  """Raises CTError unless `hu` looks like CT Hounsfield units.
-
-  CT of a body always contains air (about -1000 HU) outside the patient and in
-  the lungs; images whose values all lie in 0..255 are almost surely 8-bit
-  windowed exports (PNG/JPEG) rather than HU.
-
-  Args:
-    hu: the voxel values.
-    path: the source named in the message.
-  """
-  if hu.dtype.kind == "f":
-    _check_finite(hu, path)
-  lo, hi = float(hu.min()), float(hu.max())
-  if lo >= 0.0 and hi <= 255.0:
-    raise CTError(
-        f"{path}: all values lie in 0..255 (min {lo:g}, max {hi:g}), like an 8-bit windowed image; "
-        "8-bit exports are not HU: read the original DICOM/NIfTI in Hounsfield units "
-        "(or use source='uint8' for 2-D 8-bit slices)")
-  if lo > -500.0:
-    raise CTError(
-        f"{path}: lowest value {lo:g} is above -500, so no air is present and these "
-        "cannot be CT HU; "
-        "apply RescaleSlope/Intercept or give a chest CT in Hounsfield units")
-
-
 def read_ct(path, *, series_id: str | None = None, check_values: bool = True) -> CTVolume:
   """Reads a CT volume in HU with its geometry.
 
@@ -355,20 +242,28 @@ def read_ct(path, *, series_id: str | None = None, check_values: bool = True) ->
   Raises CTError: missing path, unreadable file, not a 3-D grey volume, spacing
   outside SPACING_RANGE_MM, a grid too oblique to read as axial, values not HU.
   """
-  path, image, meta = _read_image(path, series_id)
-  return from_image(image, path, metadata=meta, check_values=check_values)
+  path, image, meta, warnings = _read_image(path, series_id)
+  return from_image(image, path, metadata=meta, check_values=check_values, warnings=warnings)
 
 
 def from_image(image: sitk.Image, source, *, metadata: dict | None = None,
-               check_values: bool = True) -> CTVolume:
-  """A SimpleITK image as a checked CTVolume (as `read_ct`; `source` names it in errors)."""
+               check_values: bool = True, warnings: Sequence[str] = ()) -> CTVolume:
+  """A SimpleITK image as a checked CTVolume (as `read_ct`; `source` names it in errors).
+
+  `warnings` (what makes the grid doubtful, from reading the file) are logged and kept
+  with the volume (`CTVolume.warnings`, the report's `orientation`).
+  """
   _check_3d(source, image, "CT scan")
   stored = Geometry.from_image(image)
   check_spacing(stored, source)
-  turn = orientation.reorientation(stored, what=str(source))
+  turn = orientation.reorientation(stored, what=str(source), warnings=warnings)
   hu = turn.to_canonical(_to_hu_array(image))
   if check_values:
     check_hu(hu, source)
+  if warnings:
+    from absl import logging
+    for warning in warnings:
+      logging.warning("%s: %s", source, warning)
   return CTVolume(hu=hu, geometry=turn.canonical, metadata=dict(metadata or {}),
                   reorientation=turn)
 
@@ -393,7 +288,7 @@ def read_mask(path,
   Raises:
     CTError: missing/unreadable file, not 3-D, geometry mismatch, values not allowed.
   """
-  path, image, _ = _read_image(path)
+  path, image, _, _ = _read_image(path)
   _check_3d(path, image, "mask")
   geometry = Geometry.from_image(image)
   turn = like.reorientation if isinstance(like, CTVolume) else None

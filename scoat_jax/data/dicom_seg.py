@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from scoat_jax.common import fileio
-from scoat_jax.data import ct_io
+from scoat_jax.data import ct_io, dicom_geometry
 from scoat_jax.data.palette import LABEL_RGB
 
 DEFAULT_MODEL_DESCRIPTION = "SCOAT-Net lung opacification segmentation"
@@ -64,9 +64,9 @@ def package_version() -> str:
 def series_files(directory, series_id: str | None = None) -> list[pathlib.Path]:
   """The files of a DICOM series in the order SimpleITK stacks them (slice z of the volume).
 
-  The same call `ct_io.read_ct` makes (GDCM's series file names: the series'
-  files sorted along the slice normal), so file k is slice k of the grid
-  `ct_io.read_ct(directory)` reads as stored.
+  The order `ct_io.read_ct` stacks them in (`dicom_geometry`: along the slice
+  normal), so file k is slice k of the grid `ct_io.read_ct(directory)` reads
+  as stored.
 
   Args:
     directory: a folder holding the series.
@@ -96,7 +96,7 @@ def series_files(directory, series_id: str | None = None) -> list[pathlib.Path]:
                         f"{_describe(directory, ids)}")
   with ct_io.quiet_itk():
     names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id or ids[0])
-  return [pathlib.Path(n) for n in names]
+  return dicom_geometry.slice_order(names)
 
 
 def _describe(directory: pathlib.Path, ids: Sequence[str]) -> str:
@@ -296,4 +296,12 @@ def write_dicom_seg(labels: np.ndarray,
     reason = " ".join(str(e).split())[:200] or type(e).__name__
     raise DicomSegError(f"{path}: the source series cannot carry a SEG ({reason}); pass the "
                         "original CT series' files") from None
+  # The spacing along the slice normal, as read_ct measures it. highdicom takes the source's
+  # SpacingBetweenSlices or computes it from the frames' positions: 1.0 mm for the one frame
+  # of an empty SEG of a series without the tag, none for a tilted series.
+  spacing = dicom_geometry.slice_spacing(headers)
+  shared = seg.SharedFunctionalGroupsSequence[0]
+  if spacing is not None and "PixelMeasuresSequence" in shared:
+    from pydicom.valuerep import format_number_as_ds
+    shared.PixelMeasuresSequence[0].SpacingBetweenSlices = format_number_as_ds(float(spacing))
   return fileio.atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))

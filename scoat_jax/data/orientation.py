@@ -60,12 +60,15 @@ class Reorientation:
     flipped: for each canonical index axis, whether it runs against the stored axis.
     oblique_degrees: the largest angle between a canonical index axis and its
       physical axis (0 for an axis-aligned grid).
+    warnings: what reading the file found doubtful about the grid (a gantry tilt,
+      slice positions derived from other tags, NIfTI transforms); reports carry them.
   """
   stored: Geometry
   canonical: Geometry
   source_axis: tuple[int, int, int]
   flipped: tuple[bool, bool, bool]
   oblique_degrees: float
+  warnings: tuple[str, ...] = ()
 
   @property
   def is_identity(self) -> bool:
@@ -119,14 +122,18 @@ class Reorientation:
 
   def describe(self) -> dict:
     """For reports: what was done to read the scan as axial slices."""
-    return {"stored_orientation": orientation_code(self.stored),
-            "reoriented": not self.is_identity,
-            "oblique_degrees": round(self.oblique_degrees, 3)}
+    out = {"stored_orientation": orientation_code(self.stored),
+           "reoriented": not self.is_identity,
+           "oblique_degrees": round(self.oblique_degrees, 3)}
+    if self.warnings:
+      out["warnings"] = list(self.warnings)
+    return out
 
 
 def reorientation(geometry: Geometry, *, what: str = "the volume",
-                  max_oblique_degrees: float = MAX_OBLIQUE_DEGREES) -> Reorientation:
-  """The permutation and flips that make `geometry` canonical.
+                  max_oblique_degrees: float = MAX_OBLIQUE_DEGREES,
+                  warnings=()) -> Reorientation:
+  """The permutation and flips that make `geometry` canonical (`warnings` are kept with it).
 
   Raises:
     CTError: two index axes closest to one physical axis, or a grid more
@@ -155,4 +162,5 @@ def reorientation(geometry: Geometry, *, what: str = "the volume",
   origin = np.asarray(geometry.origin) + d @ (np.asarray(geometry.spacing) * first)
   canonical = Geometry(size, spacing, tuple(origin.tolist()),
                        tuple(np.stack(columns, axis=1).ravel().tolist()))
-  return Reorientation(geometry, canonical, source_axis, flipped, oblique)
+  return Reorientation(geometry, canonical, source_axis, flipped, oblique,
+                       tuple(warnings))

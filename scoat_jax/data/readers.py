@@ -11,6 +11,7 @@ the fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import re
 from typing import NamedTuple
@@ -74,6 +75,25 @@ def _natural(path: pathlib.Path):
   return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
 
 
+def _refuse_beside_loose_slices(folder: pathlib.Path) -> None:
+  """Refuses a DICOM series folder that also holds other scans (they would be left out)."""
+  for child in sorted(folder.iterdir(), key=_natural):
+    if child.name.startswith(".") or writers.is_output(child.name):
+      continue
+    low = child.name.lower()
+    if child.is_symlink() and not child.exists():
+      what = f"a broken link (to {os.readlink(child)})"
+    elif child.is_file() and low.endswith(VOLUME_SUFFIXES) and \
+        not _MASK_NAME.search(_volume_name(child)):
+      what = "a scan file"
+    elif child.is_dir() and _is_dicom_dir(child):
+      what = "a DICOM series folder"
+    else:
+      continue
+    raise InputError(f"--input={folder}: holds loose DICOM slices and {what}, {child.name}, "
+                     "which would be left out; put each scan (and each series) in its own folder.")
+
+
 def discover_inputs(path: str | pathlib.Path) -> list[Item]:
   """The scans or slice images that `--input` names.
 
@@ -88,7 +108,8 @@ def discover_inputs(path: str | pathlib.Path) -> list[Item]:
 
   Raises:
     InputError: missing path, a 2-D image given as a scan, an empty folder,
-      a folder mixing images and volumes, or two inputs with one name.
+      a folder mixing images and volumes, two inputs with one name, a broken
+      link, or loose DICOM slices beside another scan (file or series folder).
   """
   path = pathlib.Path(path).expanduser()
   if not path.exists():
@@ -101,18 +122,23 @@ def discover_inputs(path: str | pathlib.Path) -> list[Item]:
                        "in a folder and pass the folder.")
     return [Item(_volume_name(path), path, "volume")]
   if _is_dicom_dir(path):
+    _refuse_beside_loose_slices(path)
     return [Item(path.name, path, "volume")]
   volumes, images = [], []
   for child in sorted(path.iterdir(), key=_natural):
     if child.name.startswith(".") or writers.is_output(child.name):
       continue
     low = child.name.lower()
+    if child.is_symlink() and not child.exists():
+      raise InputError(f"--input={path}: {child.name} is a broken link (to {os.readlink(child)}); "
+                       "fix or remove it, so that no scan is left out.")
     if child.is_file() and low.endswith(IMAGE_SUFFIXES):
       images.append(Item(child.stem, child, "image"))
     elif child.is_file() and low.endswith(VOLUME_SUFFIXES):
       if not _MASK_NAME.search(_volume_name(child)):
         volumes.append(Item(_volume_name(child), child, "volume"))
     elif child.is_dir() and _is_dicom_dir(child):
+      _refuse_beside_loose_slices(child)
       volumes.append(Item(child.name, child, "volume"))
   if not volumes and not images and (path / "Imgs").is_dir():
     return discover_inputs(path / "Imgs")  # the COVID-SemiSeg layout: Imgs/ and GT/
