@@ -25,6 +25,9 @@ def define_flags() -> None:
                       "StudyDate.")
   flags.DEFINE_string("reports", None, "Use the *_report.json of an earlier predict run instead "
                       "of segmenting.")
+  flags.DEFINE_string("patient", None, "Follow up only this patient's scans (the --dates CSV's "
+                      "patient_id, else DICOM PatientID); needed when the scans are of several "
+                      "patients, e.g. a cohort's cohort.csv.")
   flags.DEFINE_string("output", None, "Results folder.")
   predict.define_segment_flags()
 
@@ -32,9 +35,10 @@ def define_flags() -> None:
 def main(argv):
   cli.run(argv, lambda: followup.run(
       FLAGS.output, checkpoints=FLAGS.checkpoint or (), input_path=FLAGS.input,
-      dates_csv=FLAGS.dates, reports_dir=FLAGS.reports, tta=FLAGS.tta,
+      dates_csv=FLAGS.dates, reports_dir=FLAGS.reports, patient=FLAGS.patient, tta=FLAGS.tta,
       overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size, key_images=FLAGS.key_images,
-      postprocess=not FLAGS.no_postprocessing, skip_outside_lung=FLAGS.skip_outside_lung),
+      postprocess=not FLAGS.no_postprocessing, skip_outside_lung=FLAGS.skip_outside_lung,
+      lung_rule=FLAGS.lung_rule),
       required=("output",), show=pathlib.Path(FLAGS.output or ".") / "followup.md",
       compilation_cache_dir=FLAGS.compilation_cache_dir)
 

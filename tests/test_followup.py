@@ -141,3 +141,91 @@ def test_refusals_write_nothing(shifted_workdir, patient_dir, tmp_path):
     followup.run(str(tmp_path / "o"), checkpoints=[str(shifted_workdir)], input_path=str(nifti),
                  dates_csv=str(bad))
   assert not (tmp_path / "o").exists()
+
+
+# --- Patients, duplicate names and mixed models: refused or handled before anything is written.
+
+def _reports_dir(root, reports):
+  root.mkdir(parents=True, exist_ok=True)
+  for file, report in reports.items():
+    (root / f"{file}_report.json").write_text(json.dumps(report), encoding="utf-8")
+  return root
+
+
+def _cohort(tmp_path, rows):
+  path = tmp_path / "cohort.csv"
+  path.write_text("path,label_path,patient_id,timepoint,date\n" + "".join(
+      f"{scan},x_label.nii.gz,{pid},0,{date}\n" for scan, pid, date in rows))
+  return path
+
+
+def test_a_cohort_csv_gives_one_course_per_patient(tmp_path):
+  # Two patients, two scans each; names sort across patients (a_... of P2 first).
+  reports = {n: {**_report(n, lov), "input": str(tmp_path / f"{n}.nii.gz")}
+             for n, lov in (("p1_t0", 100.0), ("p1_t1", 60.0), ("a_t0", 250.0), ("a_t1", 275.0))}
+  folder = _reports_dir(tmp_path / "pred", reports)
+  csv_path = _cohort(tmp_path, [("p1_t0.nii.gz", "P1", "20200301"), ("p1_t1.nii.gz", "P1", "20200311"),
+                                ("a_t0.nii.gz", "P2", "20200302"), ("a_t1.nii.gz", "P2", "20200309")])
+  assert followup.read_schedule(csv_path)[1] == {
+      (tmp_path / f"{n}.nii.gz").resolve(): p for n, p in
+      (("p1_t0", "P1"), ("p1_t1", "P1"), ("a_t0", "P2"), ("a_t1", "P2"))}
+  with pytest.raises(ValueError, match=r"2 patients \(P1, P2\).*--patient=<id>"):
+    followup.run(str(tmp_path / "mixed"), reports_dir=str(folder), dates_csv=str(csv_path))
+  assert not (tmp_path / "mixed").exists()
+  with pytest.raises(ValueError, match=r"--patient=P9: no scan of that patient \(patients found: "
+                                       r"P1, P2\)"):
+    followup.run(str(tmp_path / "p9"), reports_dir=str(folder), dates_csv=str(csv_path),
+                 patient="P9")
+  assert not (tmp_path / "p9").exists()
+  # One patient's course: its own two scans, its own change (60 - 100), day 10.
+  rows = followup.run(str(tmp_path / "p1"), reports_dir=str(folder), dates_csv=str(csv_path),
+                      patient="P1")
+  assert [(r["scan"], r["day"], r["lov_change_ml"]) for r in rows] == [
+      ("p1_t0", 0, None), ("p1_t1", 10, -40.0)]
+  assert (tmp_path / "p1" / "followup.md").read_text().startswith("# Follow-up of P1")
+  rows = followup.run(str(tmp_path / "p2"), reports_dir=str(folder), dates_csv=str(csv_path),
+                      patient="P2")
+  assert [(r["scan"], r["lov_change_ml"]) for r in rows] == [("a_t0", None), ("a_t1", 25.0)]
+  # The command: one line, exit 2, nothing written; then --patient.
+  cmd = [sys.executable, "-m", "scoat_jax.followup", f"--reports={folder}", f"--dates={csv_path}"]
+  run = dict(cwd=REPO, capture_output=True, encoding="utf-8", timeout=300)
+  bad = subprocess.run(cmd + [f"--output={tmp_path / 'cli'}"], **run)
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+  assert "--patient=<id>" in bad.stderr and not (tmp_path / "cli").exists()
+  ok = subprocess.run(cmd + [f"--output={tmp_path / 'cli'}", "--patient=P2"], **run)
+  assert ok.returncode == 0 and ok.stdout.startswith("# Follow-up of P2"), ok.stderr[-2000:]
+
+
+def test_csv_and_dicom_patients_must_agree_and_dates_alone_are_split(tmp_path):
+  report = {**_report("s", 5.0), "input": str(tmp_path / "s"), "dicom": {"patient_id": "D1"}}
+  folder = _reports_dir(tmp_path / "pred", {"s": report})
+  csv_path = _cohort(tmp_path, [("s", "P1", "20200301")])
+  with pytest.raises(ValueError, match=r"gives patient_id 'P1' but its DICOM PatientID is 'D1'"):
+    followup.run(str(tmp_path / "o"), reports_dir=str(folder), dates_csv=str(csv_path))
+  assert not (tmp_path / "o").exists()
+  # --dates alone with a cohort of two patients: refused before any scan is read or segmented.
+  csv_path = _cohort(tmp_path, [("missing_a.nii.gz", "P1", "20200301"),
+                                ("missing_b.nii.gz", "P2", "20200302")])
+  with pytest.raises(ValueError, match="2 patients"):
+    followup.run(str(tmp_path / "o"), checkpoints=["unused"], dates_csv=str(csv_path))
+  with pytest.raises(ValueError, match="missing_a.nii.gz"):   # P1's row only is looked at
+    followup.run(str(tmp_path / "o"), checkpoints=["unused"], dates_csv=str(csv_path),
+                 patient="P1")
+  assert not (tmp_path / "o").exists()
+
+
+def test_reports_of_one_name_or_of_1_and_3_classes_are_refused(tmp_path):
+  dates = tmp_path / "dates.csv"
+  dates.write_text(f"{tmp_path / 'a'},20200101\n{tmp_path / 'b'},20200108\n")
+  twice = _reports_dir(tmp_path / "twice", {
+      "a": {**_report("scan", 5.0), "input": str(tmp_path / "a")},
+      "b": {**_report("scan", 9.0), "input": str(tmp_path / "b")}})
+  with pytest.raises(ValueError, match=r"a_report.json and b_report.json both report scan 'scan'"):
+    followup.run(str(tmp_path / "o"), reports_dir=str(twice), dates_csv=str(dates))
+  mixed = _reports_dir(tmp_path / "mixed", {
+      "a": {**_report("a", 5.0), "input": str(tmp_path / "a")},
+      "b": {**_report("b", 9.0, class_volumes_ml={"ggo": 6.0, "consolidation": 3.0}),
+            "input": str(tmp_path / "b")}})
+  with pytest.raises(ValueError, match=r"/b was segmented by a 3-class model .* but .*/a by a 1-class"):
+    followup.run(str(tmp_path / "o"), reports_dir=str(mixed), dates_csv=str(dates))
+  assert not (tmp_path / "o").exists()

@@ -11,8 +11,17 @@ from --dates, a CSV of `path,date` rows (header optional; a header naming
 `path` and `date` may place them in any column, as in the phantom's
 cohort.csv; paths relative to the CSV; dates YYYYMMDD or YYYY-MM-DD; rows of
 other scans are ignored), or else from the DICOM StudyDate. A scan without a
-date is an error, raised before anything is written, as are DICOM scans of
-different patients (PatientID).
+date is an error, raised before anything is written.
+
+A follow-up is one patient's course. A scan's patient is the CSV's
+`patient_id` column where the CSV has one (the phantom's cohort.csv does),
+else its DICOM PatientID. Scans of several patients are refused, naming
+them, unless `patient` (`--patient=ID`) picks one: then only that patient's
+scans are kept (rows of a whole cohort's CSV, reports of a whole cohort's
+predict run), so one cohort file serves a run per patient. A scan whose CSV
+patient_id and DICOM PatientID disagree is refused. With --reports, two
+reports of one scan name, or reports of 1-class and 3-class models, are
+refused too (a follow-up lists each scan once and compares like numbers).
 
 Writes `followup.csv`, `followup.md` (the same table: date, day, scan, LOV,
 lung volume, POI, lesions, change of LOV; GGO and consolidation for 3-class
@@ -55,11 +64,18 @@ def parse_date(text: str, where: str) -> datetime.date:
 
 
 def read_dates(path: str | pathlib.Path) -> dict[pathlib.Path, datetime.date]:
-  """Reads a CSV of scan paths and dates into {resolved path: date}.
+  """Reads a CSV of scan paths and dates into {resolved path: date} (see `read_schedule`)."""
+  return read_schedule(path)[0]
+
+
+def read_schedule(path: str | pathlib.Path
+                  ) -> tuple[dict[pathlib.Path, datetime.date], dict[pathlib.Path, str]]:
+  """Reads a CSV of scan paths and dates: ({resolved path: date}, {resolved path: patient}).
 
   Rows are `path,date`; a header row naming `path` and `date` columns may put
-  them anywhere (e.g. the phantom's cohort.csv). Relative paths are relative
-  to the CSV's folder.
+  them anywhere (e.g. the phantom's cohort.csv), and a `patient_id` column
+  there gives each scan's patient (the second dict; empty without one).
+  Relative paths are relative to the CSV's folder.
 
   Raises:
     FollowupError: missing file, a row without both fields, a bad date, or a
@@ -72,13 +88,15 @@ def read_dates(path: str | pathlib.Path) -> dict[pathlib.Path, datetime.date]:
     raise FollowupError(f"--dates={path}: cannot read it ({e.strerror}); give a CSV of "
                         "path,date rows.") from None
   out: dict[pathlib.Path, datetime.date] = {}
-  columns = (0, 1)
+  patients: dict[pathlib.Path, str] = {}
+  columns, patient_column = (0, 1), None
   for n, row in enumerate(csv.reader(io.StringIO(text)), start=1):
     if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
       continue
     header = [c.strip().lower() for c in row]
     if not out and "path" in header and "date" in header:
       columns = (header.index("path"), header.index("date"))
+      patient_column = header.index("patient_id") if "patient_id" in header else None
       continue
     if len(row) <= max(columns) or not row[columns[0]].strip():
       raise FollowupError(f"{path}:{n}: expected 'path,date', got {','.join(row)!r}.")
@@ -88,19 +106,19 @@ def read_dates(path: str | pathlib.Path) -> dict[pathlib.Path, datetime.date]:
       raise FollowupError(f"{path}:{n}: {row[columns[0]].strip()} is listed twice; keep one row "
                           "per scan.")
     out[scan] = parse_date(row[columns[1]], f"{path}:{n}")
+    if patient_column is not None and len(row) > patient_column and row[patient_column].strip():
+      patients[scan] = row[patient_column].strip()
   if not out:
     raise FollowupError(f"--dates={path}: holds no 'path,date' row.")
-  return out
+  return out, patients
 
 
 def _dates_for(items: Sequence[readers.Item], dates: dict) -> dict[str, datetime.date]:
   """Date of every item (CSV first, else DICOM StudyDate); FollowupError if one has none."""
-  out, patients = {}, {}
+  out = {}
   for item in items:
     key = item.path.resolve()
-    tags = ct_io.series_tags(item.path)[0] if item.path.is_dir() else {}
-    if tags.get("patient_id"):
-      patients[tags["patient_id"]] = item.path
+    tags = _tags(item)
     if key in dates:
       out[item.name] = dates[key]
       continue
@@ -109,15 +127,52 @@ def _dates_for(items: Sequence[readers.Item], dates: dict) -> dict[str, datetime
       raise FollowupError(f"{item.path}: no date: it is not a DICOM series with a StudyDate; list "
                           "it in --dates=<CSV of path,date>.")
     out[item.name] = parse_date(study, f"{item.path} (DICOM StudyDate)")
-  _check_one_patient(patients)
   return out
 
 
-def _check_one_patient(patients: dict) -> None:
-  if len(patients) > 1:
-    shown = ", ".join(f"{pid} ({p})" for pid, p in sorted(patients.items())[:3])
-    raise FollowupError(f"the scans belong to {len(patients)} patients ({shown}); a follow-up is "
-                        "one patient's scans: run it per patient.")
+def _tags(item: readers.Item) -> dict:
+  return ct_io.series_tags(item.path)[0] if item.path.is_dir() else {}
+
+
+def patient_of(source: pathlib.Path, csv_patients: dict, dicom_id: str | None) -> str | None:
+  """A scan's patient: the CSV's patient_id, else its DICOM PatientID; both must agree."""
+  listed = csv_patients.get(pathlib.Path(source).resolve())
+  if listed and dicom_id and listed != dicom_id:
+    raise FollowupError(f"{source}: --dates gives patient_id {listed!r} but its DICOM PatientID is "
+                        f"{dicom_id!r}; fix the CSV row (or the scan's path in it).")
+  return listed or dicom_id or None
+
+
+def one_patient(scans: Sequence, patient_ids: Sequence[str | None], patient: str | None) -> list:
+  """The scans of one patient, in order: those of `patient`, or all when they share one.
+
+  Raises:
+    FollowupError: scans of several patients and no `patient`; a `patient`
+      none of them belongs to, or a scan of unknown patient beside `patient`.
+  """
+  known = sorted({p for p in patient_ids if p})
+  if patient:
+    unknown = [s for s, p in zip(scans, patient_ids) if not p]
+    if unknown:
+      raise FollowupError(f"--patient={patient}: {_where(unknown[0])} has no patient id (no "
+                          "patient_id in --dates, no DICOM PatientID); list it with its "
+                          "patient_id in --dates or drop --patient.")
+    kept = [s for s, p in zip(scans, patient_ids) if p == patient]
+    if not kept:
+      raise FollowupError(f"--patient={patient}: no scan of that patient (patients found: "
+                          f"{', '.join(known[:10]) or 'none'}); give one of them.")
+    return kept
+  if len(known) > 1:
+    shown = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
+    raise FollowupError(f"the scans belong to {len(known)} patients ({shown}); a follow-up is one "
+                        "patient's course: pass --patient=<id> (one run per patient).")
+  return list(scans)
+
+
+def _where(scan) -> str:
+  if isinstance(scan, dict):
+    return str(scan.get("input", scan.get("name")))
+  return str(getattr(scan, "path", scan))
 
 
 def check_outputs(output: pathlib.Path, overwrite: bool) -> None:
@@ -142,6 +197,7 @@ def table(reports: Sequence[dict], dates: dict[str, datetime.date]) -> list[dict
   """
   if not reports:
     raise FollowupError("no scan to follow up; give at least one.")
+  check_like(reports)
   rows = sorted(reports, key=lambda r: (dates[r["name"]], r["name"]))
   first = dates[rows[0]["name"]]
   out, previous = [], None
@@ -159,6 +215,16 @@ def table(reports: Sequence[dict], dates: dict[str, datetime.date]) -> list[dict
     previous = r["lov_ml"]
     out.append(row)
   return out
+
+
+def check_like(reports: Sequence[dict]) -> None:
+  """Refuses reports of 1-class and 3-class models together (their columns differ)."""
+  three = [r for r in reports if "class_volumes_ml" in r]
+  if three and len(three) != len(reports):
+    one = next(r for r in reports if "class_volumes_ml" not in r)
+    raise FollowupError(f"{_where(three[0])} was segmented by a 3-class model (GGO and "
+                        f"consolidation) but {_where(one)} by a 1-class one; a course compares "
+                        "one model's numbers: segment every scan with the same model.")
 
 
 def _cell(v, digits=2) -> str:
@@ -233,7 +299,7 @@ def _reports_from(folder: pathlib.Path) -> list[dict]:
   files = sorted(folder.glob("*_report.json"))
   if not files:
     raise FollowupError(f"--reports={folder}: holds no *_report.json; run scoat_jax.predict first.")
-  out = []
+  out, names = [], {}
   for f in files:
     try:
       report = json.loads(f.read_text(encoding="utf-8"))
@@ -241,14 +307,24 @@ def _reports_from(folder: pathlib.Path) -> list[dict]:
       report = None
     if not isinstance(report, dict) or not {"name", "input", "lov_ml"} <= set(report):
       raise FollowupError(f"{f}: not a scoat_jax.predict report; remove it or re-run predict.")
+    if report["name"] in names:
+      raise FollowupError(f"--reports={folder}: {names[report['name']].name} and {f.name} both "
+                          f"report scan {report['name']!r}; a follow-up lists each scan once: "
+                          "move one out of the folder.")
+    names[report["name"]] = f
     out.append(report)
   return out
+
+
+def _report_patient(report: dict, csv_patients: dict) -> str | None:
+  return patient_of(pathlib.Path(report["input"]), csv_patients,
+                    report.get("dicom", {}).get("patient_id"))
 
 
 def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None = None,
         dates_csv: str | None = None, reports_dir: str | None = None, tta: bool = False,
         overwrite: bool = False, batch_size: int = 0, progress: bool = True,
-        **segment_options) -> list[dict]:
+        patient: str | None = None, **segment_options) -> list[dict]:
   """Builds the follow-up table and plot; the programmatic form of the CLI.
 
   Args:
@@ -259,6 +335,8 @@ def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None 
     dates_csv: CSV of path,date.
     reports_dir: read existing predict reports instead of predicting.
     tta, overwrite, batch_size, progress: as in `segment.run`.
+    patient: keep only this patient's scans (CSV patient_id or DICOM
+      PatientID); needed when the scans are of several patients.
     **segment_options: further `segment.run` options (key_images, postprocess,
       skip_outside_lung).
 
@@ -266,7 +344,8 @@ def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None 
     The table rows.
   """
   output = pathlib.Path(output).expanduser()
-  dates = read_dates(dates_csv) if dates_csv else {}
+  dates, csv_patients = read_schedule(dates_csv) if dates_csv else ({}, {})
+  patient = str(patient).strip() if patient else None
   if output.exists() and not output.is_dir():
     raise FollowupError(f"--output={output}: is a file; give a folder.")
   check_outputs(output, overwrite)
@@ -274,6 +353,7 @@ def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None 
     if checkpoints or input_path:
       raise FollowupError("--reports reads earlier predictions: drop --checkpoint and --input.")
     reports = _reports_from(pathlib.Path(reports_dir).expanduser())
+    reports = one_patient(reports, [_report_patient(r, csv_patients) for r in reports], patient)
     named = {}
     for r in reports:
       key = pathlib.Path(r["input"]).resolve()
@@ -283,8 +363,7 @@ def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None 
         named[r["name"]] = parse_date(r["dicom"]["study_date"], f"{r['input']} (DICOM StudyDate)")
       else:
         raise FollowupError(f"{r['input']}: no date: list it in --dates=<CSV of path,date>.")
-    _check_one_patient({r["dicom"]["patient_id"]: r["input"] for r in reports
-                        if r.get("dicom", {}).get("patient_id")})
+    rows = table(reports, named)   # every refusal before the output folder exists
     output.mkdir(parents=True, exist_ok=True)
   else:
     if not checkpoints:
@@ -295,7 +374,10 @@ def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None 
       items = readers.discover_inputs(input_path)
     elif dates:
       items = []
-      for p in dates:
+      listed = list(dates)
+      if patient or len(set(csv_patients.values())) > 1:
+        listed = one_patient(listed, [csv_patients.get(p) for p in listed], patient)
+      for p in listed:
         found = readers.discover_inputs(p)
         if len(found) != 1 or found[0].kind != "volume":
           raise FollowupError(f"--dates lists {p}, which is not one CT scan (a file or a DICOM "
@@ -309,12 +391,14 @@ def run(output: str, *, checkpoints: Sequence[str] = (), input_path: str | None 
                           "path,date).")
     if any(i.kind == "image" for i in items):
       raise FollowupError("follow-up needs CT volumes; 2-D slice images have no volume.")
+    items = one_patient(items, [patient_of(i.path, csv_patients, _tags(i).get("patient_id"))
+                                for i in items], patient)
     named = _dates_for(items, dates)
     reports = segment.run(checkpoints, input_path or "", str(output), tta=tta, overwrite=overwrite,
                           batch_size=batch_size, progress=progress, items=items,
                           **segment_options)
-  rows = table(reports, named)
-  pid = next((r["dicom"]["patient_id"] for r in reports if r.get("dicom", {}).get("patient_id")), "")
+    rows = table(reports, named)
+  pid = patient or next((p for p in (_report_patient(r, csv_patients) for r in reports) if p), "")
   title = f"Follow-up of {pid}" if pid else "Follow-up"
   write_table(rows, output, title)
   plot(rows, output / "followup.png", title)
