@@ -256,8 +256,7 @@ def _legend(fig, num_classes: int) -> None:
   handles = [Line2D([], [], color=palette.hex_colour(c), linewidth=2, label=name)
              for c, name in palette.LABEL_NAMES[num_classes].items()]
   fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.97, 0.995), ncols=3,
-             title=None, fontsize=9, frameon=False,
-             handlelength=1.6, columnspacing=1.2, borderaxespad=0.2)
+             fontsize=9, frameon=False, handlelength=1.6, columnspacing=1.2, borderaxespad=0.2)
 
 
 def _text_panel(ax, lines: Sequence[str]) -> None:
@@ -369,9 +368,8 @@ def key_image_figure(image: np.ndarray, labels: np.ndarray, *, spacing_xyz, repo
   where_y = ("no lung found: middle row" if no_lung else
              "through the lungs" if lung is not None else "middle row")
   ax.set_title(f"coronal y {y}, {where_y}", fontsize=9)
-  fig.canvas.draw()  # the panel's size on the page, for the axis labels
-  box = ax.get_window_extent()
-  px_per_slice = box.height / max(labels.shape[0], 1)
+  ax.apply_aspect()  # the panel's size on the page, for the axis labels (no draw needed)
+  px_per_slice = ax.get_position().height * fig.bbox.height / max(labels.shape[0], 1)
   ticks, tick_names = _tick_groups(zs, names, px_per_slice)
   ax.set_xticks([])
   ax.set_yticks(ticks, tick_names, fontsize=7)

@@ -185,7 +185,8 @@ def lesions(labels: np.ndarray, *, voxel_volume_ml: float | None = None, spacing
 
 
 def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | None = None,
-                    lung: np.ndarray | None = None, num_classes: int = 1) -> dict:
+                    lung: np.ndarray | None = None, num_classes: int = 1,
+                    lung_margin_mm: float | None = None) -> dict:
   """LOV, lung volume, POI, lesions and class volumes of a predicted (z, y, x) mask.
 
   Args:
@@ -195,6 +196,9 @@ def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | 
     hu: the scan in HU, to segment the lung (`data.lung_mask`).
     lung: a lung mask to use instead of segmenting one.
     num_classes: 1 or 3.
+    lung_margin_mm: the lung rule's margin when the labels were kept to it
+      (`inference.lung_rule`): opacity outside the mask then lies within it,
+      and the warning says so; None: no rule.
 
   Returns:
     {'lov_ml', 'opacity_voxels', 'voxel_volume_ml', 'lung_volume_ml',
@@ -227,7 +231,7 @@ def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | 
   else:
     report.update(lung_volume_ml=None, lung_voxels=None, poi_percent=None,
                   lov_outside_lung_ml=None)
-  report["warnings"] = _plausibility_warnings(report)
+  report["warnings"] = _plausibility_warnings(report, lung_margin_mm)
   if num_classes == 3:
     report["class_volumes_ml"] = {name: _count(labels, test=lambda l, c=c: l == c) * vv
                                   for c, name in CLASS_NAMES.items()}
@@ -243,7 +247,7 @@ def quantify_volume(labels: np.ndarray, geometry: Geometry, *, hu: np.ndarray | 
 OUTSIDE_LUNG_WARNING = 0.1
 
 
-def _plausibility_warnings(report: dict) -> list[str]:
+def _plausibility_warnings(report: dict, lung_margin_mm: float | None = None) -> list[str]:
   """What makes the lung numbers doubtful, in words (reported, never hidden)."""
   out = []
   lov, outside, poi = report["lov_ml"], report.get("lov_outside_lung_ml"), report.get("poi_percent")
@@ -253,8 +257,10 @@ def _plausibility_warnings(report: dict) -> list[str]:
     out.append(f"POI is {poi:.0f}%: more opacity than lung; the lung mask missed part of the "
                "lung (dense consolidation, effusion) or the scan is not a chest CT")
   elif outside is not None and lov > 0 and outside > OUTSIDE_LUNG_WARNING * lov:
-    out.append(f"{100 * outside / lov:.0f}% of the opacity lies outside the lung mask; POI "
-               "counts all of it and may be too high")
+    share = f"{100 * outside / lov:.0f}% of the opacity lies outside the lung mask"
+    out.append(f"{share}; POI counts all of it and may be too high" if lung_margin_mm is None
+               else f"{share}, within the lung rule's {lung_margin_mm:g} mm margin (pleura, "
+               "chest wall, diaphragm); check those outlines")
   return out
 
 

@@ -120,19 +120,13 @@ def run_volume(predictor, data: Loaded, *, lung: np.ndarray | None = None,
     lung_summary = {"applied": False, "lung_found": bool(lung.any()),
                     "rule": lung_rule_lib.describe(False)}
   labels, post = postprocessing.apply(labels, rule, spacing_xyz=geometry.spacing, lung=lung)
-  stats = quantify.quantify_volume(labels, geometry, lung=lung,
-                                   num_classes=predictor.num_classes)
+  stats = quantify.quantify_volume(
+      labels, geometry, lung=lung, num_classes=predictor.num_classes,
+      lung_margin_mm=lung_summary["margin_mm"] if lung_summary["applied"] else None)
   if no_lung:
     stats.update(lov_ml=None, poi_percent=None)
     stats["warnings"] = [lung_rule_lib.NO_LUNG_WARNING]
   stats["lung_rule"] = lung_summary
-  if lung_summary["applied"]:  # what lies outside the mask is within the rule's margin
-    stats["warnings"] = [w.replace("lies outside the lung mask; POI counts all of it and may be "
-                                   "too high",
-                                   f"lies outside the lung mask, within the lung rule's "
-                                   f"{lung_summary['margin_mm']:g} mm margin (pleura, chest "
-                                   "wall, diaphragm); check those outlines")
-                         for w in stats.get("warnings", [])]
   stats["seconds"] = {"lung_mask": round(t1 - t0, 3), "network": round(t2 - t1, 3),
                       "quantify": round(time.time() - t2, 3)}
   stats["lung_mask"] = source

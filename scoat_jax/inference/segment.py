@@ -363,6 +363,11 @@ def _finish(predictor, item: Item, data: tuple, result, output: pathlib.Path, op
   t0 = time.time()
   paths = outputs_for(item, output, save_probabilities=options.save_probabilities,
                       output_format=options.output_format, key_images=options.key_images)
+  # A DICOM series' files in slice order, listed once for the SEG and the key images.
+  files = None
+  if item.kind == "volume" and item.path.is_dir() and ("dicom_seg" in paths or options.key_images):
+    from scoat_jax.data import dicom_seg
+    files = dicom_seg.series_files(item.path, options.series_id)
   if item.kind == "image":
     writers.write_png(labels, paths["mask"], palette=True)
     if options.save_probabilities:
@@ -373,7 +378,7 @@ def _finish(predictor, item: Item, data: tuple, result, output: pathlib.Path, op
     if "mask" in paths:
       writers.write_volume(stored, turn.stored, paths["mask"])
     if "dicom_seg" in paths:
-      _write_dicom_seg(stored, item, paths["dicom_seg"], predictor.num_classes, options, model)
+      _write_dicom_seg(stored, files, paths["dicom_seg"], predictor.num_classes, model)
     if options.save_probabilities:
       writers.write_volume(turn.to_stored(prob), turn.stored, paths["probability"])
   written = {k: p.name for k, p in paths.items()}
@@ -396,20 +401,19 @@ def _finish(predictor, item: Item, data: tuple, result, output: pathlib.Path, op
         date=time.strftime("%Y-%m-%d"), title=item.name,
         lung=result.lung if volume else None,
         table_mm=key_images.table_positions(geometry) if volume else None,
-        instance_number=_instance_numbers(item, turn, options) if volume else None)
+        instance_number=_instance_numbers(files, turn) if volume else None)
   report["seconds"] = {**report.pop("seconds", {}), **seconds, "write": round(time.time() - t0, 3)}
   writers.write_json(report, paths["report"])
   return report
 
 
-def _instance_numbers(item: Item, turn, options: Options):
-  """For a DICOM series read as axial slices: canonical z -> the slice's InstanceNumber (the
-  image number a viewer shows), else None (non-DICOM input, or a series stored otherwise)."""
-  if not item.path.is_dir() or turn is None or turn.source_axis[2] != 2:
+def _instance_numbers(files: list[pathlib.Path] | None, turn):
+  """For a DICOM series read as axial slices (`files` in slice order): canonical z -> the
+  slice's InstanceNumber (the image number a viewer shows), else None (non-DICOM input, or
+  a series stored otherwise)."""
+  if files is None or turn is None or turn.source_axis[2] != 2:
     return None
   import pydicom
-  from scoat_jax.data import dicom_seg
-  files = dicom_seg.series_files(item.path, options.series_id)
 
   def number(z: int):
     stored = turn.axial_slice(z)["stored_index"]
@@ -421,10 +425,9 @@ def _instance_numbers(item: Item, turn, options: Options):
   return number
 
 
-def _write_dicom_seg(stored: np.ndarray, item: Item, path: pathlib.Path, num_classes: int,
-                     options: Options, model: str) -> None:
+def _write_dicom_seg(stored: np.ndarray, files: list[pathlib.Path], path: pathlib.Path,
+                     num_classes: int, model: str) -> None:
   from scoat_jax.data import dicom_seg
-  files = dicom_seg.series_files(item.path, options.series_id)
   # ContentDescription is a DICOM LO (64 characters): the network, not the paths.
   dicom_seg.write_dicom_seg(stored, files, path, num_classes=num_classes,
                             model_description=model.split(",")[0][:64])
