@@ -175,14 +175,14 @@ def test_masks_keep_the_input_geometry_nifti_and_dicom(shifted_workdir, scans, t
 
 def test_folder_of_png_slices(shifted_workdir, tmp_path):
   scan = test_scan()
-  src = tmp_path / "Imgs"
-  src.mkdir()
+  src = tmp_path / "data" / "Imgs"
+  src.mkdir(parents=True)
   sizes = {}
   for k, (z, crop) in enumerate(((2, np.s_[:, :]), (4, np.s_[3:37, 5:30]))):
     grey = np.rint(normalize(scan.hu[z][crop], "hu") * 255).astype(np.uint8)
     Image.fromarray(grey).save(src / f"{k}.png")
     sizes[str(k)] = grey.shape
-  reports = segment.run([str(shifted_workdir)], str(tmp_path), str(tmp_path / "out"),
+  reports = segment.run([str(shifted_workdir)], str(tmp_path / "data"), str(tmp_path / "out"),
                         progress=False, save_probabilities=True)
   assert [r["name"] for r in reports] == ["0", "1"]
   for r in reports:

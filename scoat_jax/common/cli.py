@@ -23,6 +23,7 @@ import difflib
 import importlib.util
 import logging as py_logging
 import pathlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -166,6 +167,8 @@ def quiet_library_logs() -> None:
 def run_command(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run(main)` with this module's flag parsing and log filter."""
   from absl import app
+  from scoat_jax.common import signals
+  signals.terminate_as_interrupt()  # SIGTERM ends a command as Ctrl-C does: status 130
   quiet_library_logs()
   app.run(main, flags_parser=parse_flags)
 
@@ -175,6 +178,21 @@ def _traceback_if_verbose() -> None:
   if _verbose():
     import traceback
     traceback.print_exc(file=sys.stderr)
+
+
+def _interrupted(tool: str, what: str) -> str:
+  """What an interrupted command stopped doing and what it left.
+
+  `what` is the KeyboardInterrupt's text: a command's own account (training:
+  the step it saved; predict: the scans it finished), or only which signal
+  (`signals`), or nothing (Ctrl-C outside any handler).
+  """
+  how = re.fullmatch(r"(?:stopped by )?(Ctrl-C \(SIGINT\)|SIGTERM|signal \d+)?", what)
+  if how is None:
+    return what
+  return (f"{tool} stopped by {how.group(1) or 'Ctrl-C (SIGINT)'} before it finished; every "
+          "file it wrote is complete (each is written whole or not at all), the rest were not "
+          "written")
 
 
 def run(argv: Sequence[str], call: Callable[[], object], *, required: Sequence[str] = (),
@@ -198,7 +216,8 @@ def run(argv: Sequence[str], call: Callable[[], object], *, required: Sequence[s
   for name in required:
     if not getattr(flags.FLAGS, name):
       fail(f"--{name} is required (python -m scoat_jax.{tool} --help).")
-  from scoat_jax.common import host_memory
+  from scoat_jax.common import host_memory, signals
+  signals.terminate_as_interrupt()
   host_memory.keep_freed_memory()  # before JAX starts its threads
   try:
     if compilation_cache_dir is not None:
@@ -206,7 +225,7 @@ def run(argv: Sequence[str], call: Callable[[], object], *, required: Sequence[s
       compilation_cache.enable(compilation_cache_dir)
     call()
   except KeyboardInterrupt as e:
-    logging.warning("interrupted: %s", e or "Ctrl-C")
+    logging.warning("interrupted: %s", _interrupted(tool, str(e)))
     sys.exit(EXIT_INTERRUPTED)
   except DivergedError as e:
     _traceback_if_verbose()

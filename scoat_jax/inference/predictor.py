@@ -163,7 +163,7 @@ class Predictor:
     limit = _max_batch_size(self.models, self.mesh)
     if limit is not None and self.batch_size > limit:
       logging.warning("batch_size=%d would not fit in memory (about %.1f MiB a slice); using "
-                      "%d, the most that does.", self.batch_size,
+                      "at most %d, the most that does.", self.batch_size,
                       _bytes_per_slice(self.models) / 2**20, limit)
       self.batch_size = limit
     first = self.models[0]
@@ -201,20 +201,30 @@ class Predictor:
     return normalize(image, source, window=self.hu_window,
                      uint8_mode=self.uint8_mode)
 
-  def predict_slices(self, slices: Iterable[np.ndarray], *, source: str = "hu"
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  def batch_for(self, count: int | None) -> int:
+    """The batch for a stream of `count` slices: `batch_size`, but no more than the slices
+    (rounded up to the device count), so a huge --batch_size costs nothing on a short scan."""
+    if not count or count >= self.batch_size:
+      return self.batch_size
+    n = self.mesh.devices.size
+    return -(-int(count) // n) * n
+
+  def predict_slices(self, slices: Iterable[np.ndarray], *, source: str = "hu",
+                     count: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Predicts a stream of slices, lazily, in order.
 
     Args:
       slices: 2-D arrays (H, W), raw intensities (HU, or 0..255 for 'uint8');
         sizes may differ from slice to slice. Consumed batch by batch.
       source: 'hu' or 'uint8' (see `scoat_jax.data.intensity`).
+      count: how many slices the stream holds, when known: the batch is then
+        no larger than that (`batch_for`).
 
     Yields:
       (labels (H, W) uint8, P(opacity) (H, W) float32) per slice, on the
       slice's own grid.
     """
-    size, b = self.image_size, self.batch_size
+    size, b = self.image_size, self.batch_for(count)
     it = iter(slices)
     pending = None
     while True:
@@ -265,7 +275,7 @@ class Predictor:
       raise InferenceError(f"z_range={z_range} is outside the volume's 0..{hu.shape[0]} slices")
     labels = np.zeros(hu.shape, np.uint8)
     prob = np.zeros(hu.shape, np.float32) if with_probability else None
-    stream = self.predict_slices((hu[z] for z in range(z0, z1)), source=source)
+    stream = self.predict_slices((hu[z] for z in range(z0, z1)), source=source, count=z1 - z0)
     for k, (lab, p) in enumerate(stream):
       labels[z0 + k] = lab
       if prob is not None:

@@ -27,9 +27,11 @@ read from there). Per scan `<name>`, into `--output`:
 
 Everything is checked before anything is written: the checkpoints load and
 fit their model, every input is read in full, and the output folder holds
-no earlier results (unless --overwrite, which replaces only this run's
-files). Each file is written under a temporary name and renamed. A bad input
-prints one line `error: ...` on stderr and exits with status 2.
+no earlier results (unless --overwrite: `output_folder` says what it keeps)
+and lies outside the input. Each file is written under a temporary name and
+renamed; one scan's files and its row of predictions.csv are written with
+SIGINT and SIGTERM held, so an interrupted run leaves whole scans only. A bad
+input prints one line `error: ...` on stderr and exits with status 2.
 """
 from __future__ import annotations
 
@@ -44,17 +46,15 @@ import numpy as np
 
 from scoat_jax.data import readers, writers
 from scoat_jax.data.readers import Item
-from scoat_jax.inference import cohort_table, postprocessing, scan
+from scoat_jax.common import signals
+from scoat_jax.inference import cohort_table, output_folder, postprocessing, scan
+from scoat_jax.inference.output_folder import PredictError, earlier_results  # noqa: F401
 
 OUTPUT_FORMATS = ("nifti", "dicom_seg", "both")
 
 # Inputs validated up front are kept in memory for the run up to this size;
 # beyond it they are read again when their turn comes.
 _KEEP_BYTES = 1 << 29
-
-
-class PredictError(ValueError):
-  """A bad prediction request (input, output folder, flags); one line naming the fix."""
 
 
 def parse_slices(values: Sequence[str] | str | None) -> list[int]:
@@ -98,31 +98,6 @@ def outputs_for(item: Item, output: pathlib.Path, *, save_probabilities: bool,
 def attention_path(item: Item, output: pathlib.Path, z: int | None) -> pathlib.Path:
   suffix = "" if z is None else f"_z{z:04d}"
   return output / f"{item.name}_attention{suffix}.png"
-
-
-def earlier_results(output: pathlib.Path) -> list[pathlib.Path]:
-  """Files in `output` that a predict run wrote before."""
-  if not output.is_dir():
-    return []
-  return sorted(p for p in output.iterdir() if p.is_file() and (
-      writers.is_output(p.name) or p.name == cohort_table.FILE_NAME))
-
-
-def check_output(output: pathlib.Path, *, overwrite: bool) -> None:
-  """Raises PredictError if `output` cannot take this run's results."""
-  if output.exists() and not output.is_dir():
-    raise PredictError(f"--output={output}: is a file; give a folder (it is created if missing).")
-  if not overwrite:
-    old = earlier_results(output)
-    if old:
-      raise PredictError(f"--output={output}: holds earlier results ({old[0].name}"
-                         f"{f' and {len(old) - 1} more' if len(old) > 1 else ''}); choose a new "
-                         "folder or pass --overwrite.")
-  parent = output.parent if not output.exists() else output
-  while not parent.exists():
-    parent = parent.parent
-  if not os.access(parent, os.W_OK):
-    raise PredictError(f"--output={output}: {parent} is not writable; choose another folder.")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -250,7 +225,7 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
                     output_format, key_images, postprocess, skip_outside_lung, lung_mask,
                     series_id, lung_rule)
   _check_options(options, items)
-  check_output(output, overwrite=overwrite)
+  earlier = output_folder.check(output, overwrite=overwrite, input_path=input_path, items=items)
   inference.check_batch_size(batch_size)  # a bad flag is refused before the scans are read
   lungs = {i: lung_mask_path(lung_mask, i, len(items) == 1) for i in items}
   kept, budget = {}, _KEEP_BYTES
@@ -289,18 +264,47 @@ def run(checkpoints: Sequence[str], input_path: str, output: str, *, tta: bool =
   except OSError as e:
     raise PredictError(f"--output={output}: cannot create it ({e.strerror or e}); choose a "
                        "folder you can write to.") from None
+  left = output_folder.remove_temporaries(output)
+  if left:
+    logging.warning("%s: removed %d temporary file(s) an interrupted run left (%s)", output,
+                    len(left), ", ".join(left))
   label = scan.model_label(models)
   reports = []
-  for item, data, result, seconds in _predictions(predictor, items, kept, lungs, options, rule,
-                                                  progress):
-    report = _finish(predictor, item, data, result, output, options, label, seconds=seconds)
-    logging.info("%s: LOV %s ml, lung %s ml, POI %s%%, %d lesion(s) in %.1f s", item.name,
-                 _fmt(report.get("lov_ml")), _fmt(report.get("lung_volume_ml")),
-                 _fmt(report.get("poi_percent")), report["num_lesions"],
-                 sum(report["seconds"].values()))
-    reports.append(report)
-  cohort_table.write(reports, output / cohort_table.FILE_NAME)
+  try:
+    for item, data, result, seconds in _predictions(predictor, items, kept, lungs, options, rule,
+                                                    progress):
+      with signals.held():  # one scan's files and its row go in together
+        report = _finish(predictor, item, data, result, output, options, label, seconds=seconds)
+        if overwrite:
+          stale = output_folder.remove_stale(output, item.name, _written_names(report))
+          if stale:
+            logging.info("%s: removed the earlier run's %s (not written by this run)", item.name,
+                         ", ".join(stale))
+        reports.append(report)
+        cohort_table.write(output_folder.table_reports(reports, earlier),
+                           output / cohort_table.FILE_NAME)
+      logging.info("%s: LOV %s ml, lung %s ml, POI %s%%, %d lesion(s) in %.1f s", item.name,
+                   _fmt(report.get("lov_ml")), _fmt(report.get("lung_volume_ml")),
+                   _fmt(report.get("poi_percent")), report["num_lesions"],
+                   sum(report["seconds"].values()))
+  except KeyboardInterrupt as e:
+    raise KeyboardInterrupt(
+        f"predict {str(e) or 'stopped by Ctrl-C (SIGINT)'} after {len(reports)} of {len(items)} "
+        f"scan(s): each finished scan has all its files, its report and its row in "
+        f"{output / cohort_table.FILE_NAME}; the other scans got no new files (run again with "
+        "--overwrite to finish)") from None
+  if not reports:
+    cohort_table.write(output_folder.table_reports(reports, earlier),
+                       output / cohort_table.FILE_NAME)
   return reports
+
+
+def _written_names(report: dict) -> list[str]:
+  """The file names a scan's report lists under 'outputs' (attention overlays included)."""
+  names = []
+  for value in report.get("outputs", {}).values():
+    names += value if isinstance(value, list) else [value]
+  return names
 
 
 def _predictions(predictor, items, kept, lungs, options: Options, rule, progress: bool):
@@ -325,7 +329,8 @@ def _predictions(predictor, items, kept, lungs, options: Options, rule, progress
         ahead[item] = read(item)[0]
         yield ahead[item][0]
 
-  image_predictions = predictor.predict_slices(images(), source="uint8")
+  image_predictions = predictor.predict_slices(images(), source="uint8",
+                                               count=sum(i.kind == "image" for i in items))
   with _progress_bar(sum(i.kind == "image" for i in items), "slices", progress) as image_bar:
     for item in items:
       t0 = time.time()
