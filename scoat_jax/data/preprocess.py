@@ -58,8 +58,8 @@ def warp_matrix(shape: tuple[int, int], size: int, *, flip: bool = False, angle:
 
 def prepare_slice(image: np.ndarray, mask: np.ndarray, *, source: str, window, size: int,
                   num_classes: int, rng: np.random.Generator | None = None,
-                  aug: dict | None = None, uint8_mode: str = "scale"
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  aug: dict | None = None, uint8_mode: str = "scale",
+                  soft: np.ndarray | None = None):
   """Normalises, augments and letterboxes one slice.
 
   Args:
@@ -72,9 +72,12 @@ def prepare_slice(image: np.ndarray, mask: np.ndarray, *, source: str, window, s
     rng: augmentation randomness; None means no augmentation.
     aug: flip, rotate_degrees, scale_range, intensity_jitter, gamma_range (used with rng).
     uint8_mode: how 8-bit slices are normalised (`intensity.UINT8_MODES`).
+    soft: optional (H, W) float32 probabilities (a soft label), warped with
+      the image's geometry (linear; 0 outside the slice).
 
   Returns:
-    (image (S, S) float32 in [0, 1], mask (S, S) int32).
+    (image (S, S) float32 in [0, 1], mask (S, S) int32), and the warped soft
+    label (S, S) float32 as a third element when `soft` is given.
   """
   img = normalize(image, source, window=tuple(window), uint8_mode=uint8_mode).astype(
       np.float32, copy=False)
@@ -100,7 +103,15 @@ def prepare_slice(image: np.ndarray, mask: np.ndarray, *, source: str, window, s
   if mask.shape != image.shape:
     raise SliceError(f"image {image.shape} and mask {mask.shape} differ; rebuild the dataset")
   lab = mask if num_classes == 3 else (mask > 0).astype(np.uint8)
-  return warp(img, lab, size, flip=flip, angle=angle, scale=scale)
+  out = warp(img, lab, size, flip=flip, angle=angle, scale=scale)
+  if soft is None:
+    return out
+  if soft.shape != image.shape:
+    raise SliceError(f"image {image.shape} and soft label {soft.shape} differ; give the map "
+                     "the slice's size")
+  warped, _ = warp(np.asarray(soft, np.float32), np.zeros(soft.shape, np.uint8), size, flip=flip,
+                   angle=angle, scale=scale)
+  return out + (warped,)
 
 
 def warp(image: np.ndarray, mask: np.ndarray, size: int, *, flip: bool = False,

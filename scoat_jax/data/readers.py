@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VOLUME_SUFFIXES = ct_io.READ_SUFFIXES
 # Volumes named like label masks (the phantom's <stem>_label / _lung, our own
 # outputs) are not scans: a folder of scans may hold them beside the images.
-_MASK_NAME = re.compile(r"_(mask|label|labels|lung|seg|probability)$", re.IGNORECASE)
+MASK_NAME = re.compile(r"_(mask|label|labels|lung|seg|probability)$", re.IGNORECASE)
 
 
 class InputError(ValueError):
@@ -84,7 +84,7 @@ def _refuse_beside_loose_slices(folder: pathlib.Path) -> None:
     if child.is_symlink() and not child.exists():
       what = f"a broken link (to {os.readlink(child)})"
     elif child.is_file() and low.endswith(VOLUME_SUFFIXES) and \
-        not _MASK_NAME.search(_volume_name(child)):
+        not MASK_NAME.search(_volume_name(child)):
       what = "a scan file"
     elif child.is_dir() and _is_dicom_dir(child):
       what = "a DICOM series folder"
@@ -135,7 +135,7 @@ def discover_inputs(path: str | pathlib.Path) -> list[Item]:
     if child.is_file() and low.endswith(IMAGE_SUFFIXES):
       images.append(Item(child.stem, child, "image"))
     elif child.is_file() and low.endswith(VOLUME_SUFFIXES):
-      if not _MASK_NAME.search(_volume_name(child)):
+      if not MASK_NAME.search(_volume_name(child)):
         volumes.append(Item(_volume_name(child), child, "volume"))
     elif child.is_dir() and _is_dicom_dir(child):
       _refuse_beside_loose_slices(child)

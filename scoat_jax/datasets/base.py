@@ -274,6 +274,11 @@ def _parse_index(name: str, metadata: Mapping[str, Any], command: str) -> list[S
           for s in metadata["scans"]]
 
 
+def _known() -> str:
+  from scoat_jax import datasets as _registered
+  return ", ".join(sorted(_registered.BUILDERS))
+
+
 def open_source(name: str, data_dir: str | None = None) -> SliceDataset:
   """Opens a built slice dataset ('covid_semiseg', 'ct_volumes/medseg', ...).
 
@@ -295,11 +300,10 @@ def open_source(name: str, data_dir: str | None = None) -> SliceDataset:
   try:
     cls = tfds.builder_cls(base)
   except Exception as e:  # tfds raises its own DatasetNotFoundError
-    raise DatasetError(f"unknown dataset {base!r}; choose covid_semiseg, ct_volumes[/config] "
-                       f"or ct_phantom[/config] (data.name)") from e
+    raise DatasetError(f"unknown dataset {base!r}; choose one of {_known()} (data.name)") from e
   if not issubclass(cls, SliceBuilder):
-    raise DatasetError(f"dataset {base!r} is not a scoat_jax slice dataset; choose covid_semiseg, "
-                       "ct_volumes or ct_phantom (data.name)")
+    raise DatasetError(f"dataset {base!r} is not a scoat_jax slice dataset; choose one of "
+                       f"{_known()} (data.name)")
   try:
     builder = cls(data_dir=data_dir or None, config=config or None)
   except ValueError as e:
