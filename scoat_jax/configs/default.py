@@ -101,6 +101,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.worker_count = 2
   c.data.slices = "all"
 
+  # (ours) Semi-supervised training: unlabelled slices with soft labels in every batch
+  # (scoat_jax/training/unlabelled.py); name '' trains on labelled slices only.
+  c.unlabelled = ml_collections.ConfigDict()
+  c.unlabelled.name = ""              # unlabelled_slices | unlabelled_volumes
+  c.unlabelled.data_dir = ""          # "" -> data.data_dir
+  c.unlabelled.soft_labels = ""       # folder of <name>.png maps (InfNet-pseudo/, pseudo_label)
+  c.unlabelled.ratio = 0.5            # share of each batch
+  c.unlabelled.weight = 1.0           # of their loss against the labelled one
+  c.unlabelled.min_confidence = 0.0   # pixels with |2p - 1| below it carry no loss
+  c.unlabelled.hard = False           # targets p > 0.5 instead of p
+  c.unlabelled.slices = "all"         # all | lung
+
   # Evaluation, logging, checkpoints.
   c.eval_batch_size = 8
   c.eval_every_epochs = 1

@@ -56,6 +56,7 @@ from scoat_jax.data import folds, preprocess
 from scoat_jax.data import intensity as intensity_lib
 from scoat_jax import datasets
 from scoat_jax.datasets import base as ds_base
+from scoat_jax.training import unlabelled
 
 _SPLITS = ("train", "validation", "all")
 # Effectively endless: a training iterator stops only when the caller stops.
@@ -236,29 +237,48 @@ class _SliceReader:
 
 
 class _TrainBatch:
-  """step -> this process's share of the global batch (pure function of seed, step)."""
+  """step -> this process's share of the global batch (pure function of seed, step).
+
+  With an unlabelled source, the slots `unlabelled.pseudo_slots` marks read
+  unlabelled slices and their soft labels (`scoat_jax.training.unlabelled`).
+  """
 
   def __init__(self, reader: _SliceReader, records: np.ndarray, seed: int, global_batch: int,
-               first: int, local: int):
+               first: int, local: int, unlabelled_source=None, pseudo=None):
     self.reader, self.records, self.seed = reader, records, seed
     self.global_batch, self.first, self.local = global_batch, first, local
+    self.unlabelled = unlabelled_source
+    self.pseudo = np.zeros(global_batch, bool) if pseudo is None else np.asarray(pseudo, bool)
+    # Slot j's number among the slots of its kind, and the slots of each kind per step.
+    self.rank = np.where(self.pseudo, np.cumsum(self.pseudo) - 1, np.cumsum(~self.pseudo) - 1)
+    self.per_step = (int((~self.pseudo).sum()), int(self.pseudo.sum()))
 
-  @functools.lru_cache(maxsize=4)  # noqa: B019 (per-epoch permutation, reused across steps)
-  def _perm(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, 0, epoch]).permutation(self.records.size)
+  @functools.lru_cache(maxsize=8)  # noqa: B019 (per-epoch permutation, reused across steps)
+  def _perm(self, kind: int, epoch: int) -> np.ndarray:
+    n = self.records.size if kind == 0 else self.unlabelled.records.size
+    # Stream 0 is the labelled order (as without unlabelled data), stream 2 the unlabelled one.
+    return np.random.default_rng([self.seed, 2 * kind, epoch]).permutation(n)
 
   def __call__(self, step: int) -> dict:
-    n = self.records.size
     size = self.reader.size
     images = np.empty((self.local, size, size, 1), np.float32)
-    masks = np.empty((self.local, size, size), np.int32)
+    masks = np.zeros((self.local, size, size), np.int32)
+    soft = np.zeros((self.local, size, size), np.float32) if self.unlabelled else None
     for k in range(self.local):
       j = self.first + k
-      pos = int(step) * self.global_batch + j
-      record = self.records[self._perm(pos // n)[pos % n]]
+      kind = int(self.pseudo[j])
+      n = self.records.size if kind == 0 else self.unlabelled.records.size
+      pos = int(step) * self.per_step[kind] + int(self.rank[j])
+      index = self._perm(kind, pos // n)[pos % n]
       rng = np.random.default_rng([self.seed, 1, int(step), j])
-      images[k, ..., 0], masks[k], _ = self.reader.read(record, rng)
-    return {"image": images, "mask": masks}
+      if kind == 0:
+        images[k, ..., 0], masks[k], _ = self.reader.read(self.records[index], rng)
+      else:
+        images[k, ..., 0], soft[k] = unlabelled.read(self.reader, self.unlabelled, index, rng)
+    out = {"image": images, "mask": masks}
+    if soft is not None:
+      out["soft"] = soft
+    return out
 
 
 class _EvalBatch:
@@ -346,8 +366,8 @@ def _close_live_iterators():
 
 
 def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int | None = None, process_count: int | None = None
-                  ) -> Iterator[dict]:
+                  process_index: int | None = None, process_count: int | None = None,
+                  unlabelled_cfg=None) -> Iterator[dict]:
   """Endless training batches of this process, starting at `start_step`.
 
   Args:
@@ -356,10 +376,14 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
     seed: data seed (order and augmentation); non-negative.
     start_step: first step to produce (resume).
     process_index, process_count: default jax.process_index()/process_count().
+    unlabelled_cfg: `config.unlabelled` (`scoat_jax.training.unlabelled`), or
+      None / an empty name for labelled slices only.
 
   Returns:
     An iterator of {'image': float32 (B, S, S, 1) in [0, 1], 'mask': int32
-    (B, S, S)} with B = global_batch_size / process_count. With worker_count
+    (B, S, S)} with B = global_batch_size / process_count, and with
+    unlabelled data 'soft': float32 (B, S, S) soft labels (0 on labelled
+    slots; `pseudo_slots` says which slots are which). With worker_count
     > 0, call its .close() when done to stop the worker processes at once.
   """
   pi, pc = _processes(process_index, process_count)
@@ -371,8 +395,14 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
   ds = _open(data_cfg)
   reader = _SliceReader(data_cfg, ds, augment=bool(data_cfg.get("augment", False)))
   local = global_batch_size // pc
+  source = pseudo = None
+  if unlabelled.enabled(unlabelled_cfg):
+    source = unlabelled.open_source(unlabelled_cfg, intensity=ds.intensity,
+                                    fold=folds.parse_fold(data_cfg.fold, data_cfg.num_folds),
+                                    data_dir=str(data_cfg.get("data_dir", "") or ""))
+    pseudo = unlabelled.pseudo_slots(global_batch_size, float(unlabelled_cfg.ratio))
   fn = _TrainBatch(reader, _train_records(data_cfg, ds), int(seed), global_batch_size,
-                   pi * local, local)
+                   pi * local, local, source, pseudo)
   steps = grain.MapDataset.range(int(start_step), int(start_step) + _MAX_STEPS)
   return _iterate(steps.map(fn), data_cfg)
 

@@ -194,6 +194,52 @@ def ce_dice(logits: jax.Array, target: jax.Array, *, alpha: float = 1.0) -> jax.
   return alpha * ce + (1.0 - jnp.mean(fg_dice))
 
 
+def opacity_logit(logits: jax.Array) -> jax.Array:
+  """Logit of P(any opacity), (B, H, W), float32: the one channel, or for C classes
+  logsumexp(classes 1..C-1) - logit of class 0 (so sigmoid of it is 1 - P(background))."""
+  logits = jnp.asarray(logits).astype(jnp.float32)
+  if logits.ndim == 3:
+    return logits
+  if logits.ndim != 4:
+    raise ValueError(f"logits must be (B, H, W, C) or (B, H, W), got shape {logits.shape}.")
+  if logits.shape[-1] == 1:
+    return logits[..., 0]
+  return jax.nn.logsumexp(logits[..., 1:], axis=-1) - logits[..., 0]
+
+
+def soft_bce_dice(logits: jax.Array, soft: jax.Array, *, alpha: float = 0.5,
+                  min_confidence: float = 0.0, hard: bool = False) -> jax.Array:
+  """BCE-Dice against a teacher's probabilities (semi-supervised training, ours).
+
+  The student's P(opacity) (`opacity_logit`: any number of classes) is
+  compared with the soft target p in [0, 1], or with p > 0.5 when `hard`.
+  Pixels whose confidence |2p - 1| is below `min_confidence` carry no loss:
+  they are left out of the BCE mean and of both Dice sums.
+
+  Args:
+    logits: (B, H, W, C) or (B, H, W) logits.
+    soft: (B, H, W) teacher probabilities.
+    alpha: weight of the BCE term.
+    min_confidence: in [0, 1).
+    hard: threshold the target at 0.5.
+
+  Returns:
+    Scalar float32: alpha * weighted BCE + (1 - batch mean of the weighted soft Dice).
+  """
+  x = opacity_logit(logits)
+  p = jnp.asarray(soft, jnp.float32)
+  if p.shape != x.shape:
+    raise ValueError(f"soft_bce_dice: soft target {p.shape} and logits {x.shape} disagree.")
+  w = (jnp.abs(2.0 * p - 1.0) >= min_confidence).astype(jnp.float32)
+  y = (p > 0.5).astype(jnp.float32) if hard else p
+  bce_term = jnp.sum(w * _bce_elementwise(x, y)) / jnp.maximum(jnp.sum(w), 1.0)
+  q = jax.nn.sigmoid(x) * w
+  yw = y * w
+  ratio = (2.0 * jnp.sum(q * yw, axis=(1, 2)) + EPS) / (
+      jnp.sum(q, axis=(1, 2)) + jnp.sum(yw, axis=(1, 2)) + EPS)
+  return alpha * bce_term + (1.0 - jnp.mean(ratio))
+
+
 BINARY_LOSSES: dict[str, LossFn] = {
     "mae": mae, "bce": bce, "dice": dice, "iou": iou, "focal": focal, "bce_dice": bce_dice}
 MULTICLASS_LOSSES: dict[str, LossFn] = {"ce_dice": ce_dice}

@@ -19,7 +19,7 @@ from flax.training import train_state
 
 from scoat_jax import checkpoints, models
 from scoat_jax.common import parallel
-from scoat_jax.training import losses
+from scoat_jax.training import losses, unlabelled
 
 # Initialisation runs once; XLA's CPU backend spends most of its compile time
 # optimising the ~100 random-number kernels (about 60 s for SCOAT-Net), and
@@ -36,6 +36,38 @@ def create_loss(config: ml_collections.ConfigDict) -> Callable:
   base = losses.get_loss(config.loss, **config.loss_kwargs)
   mode = models.deep_supervision_mode(config)
   return functools.partial(losses.deep_supervision_loss, base, mode=mode)
+
+
+def create_batch_loss(config: ml_collections.ConfigDict) -> Callable:
+  """(logits, batch) -> scalar loss: `create_loss` on the mask, plus, with
+  `config.unlabelled`, `weight` x soft BCE-Dice on the unlabelled slots.
+
+  The slots are the same at every step (`unlabelled.pseudo_slots`), so each
+  part is taken by a fixed gather of the batch rows it owns.
+  """
+  supervised = create_loss(config)
+  cfg = config.get("unlabelled")
+  if not unlabelled.enabled(cfg):
+    return lambda logits, batch: supervised(logits, batch["mask"])
+  pseudo = unlabelled.pseudo_slots(config.batch_size, float(cfg.ratio))
+  lab_rows, soft_rows = np.flatnonzero(~pseudo), np.flatnonzero(pseudo)
+  alpha = float(dict(config.loss_kwargs).get("alpha", 0.5))
+  soft = functools.partial(losses.soft_bce_dice, alpha=alpha,
+                           min_confidence=float(cfg.get("min_confidence", 0.0)),
+                           hard=bool(cfg.get("hard", False)))
+  soft_loss = functools.partial(losses.deep_supervision_loss, soft,
+                                mode=models.deep_supervision_mode(config))
+  weight = float(cfg.get("weight", 1.0))
+
+  def rows(logits, idx):
+    return [h[idx] for h in logits] if isinstance(logits, (list, tuple)) else logits[idx]
+
+  def loss(logits, batch):
+    total = weight * soft_loss(rows(logits, soft_rows), batch["soft"][soft_rows])
+    if lab_rows.size:  # ratio 1: soft labels only
+      total = total + supervised(rows(logits, lab_rows), batch["mask"][lab_rows])
+    return total
+  return loss
 
 
 def create_optimizer(schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -69,7 +101,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: Calla
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
         train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-    return loss_fn(logits, batch["mask"]), updates
+    return loss_fn(logits, batch), updates
 
   (loss, updates), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
@@ -88,7 +120,8 @@ def make_train_step(config, mesh, *, with_grads: bool = False) -> Callable:
     with_grads: also return the gradients in the metrics (for tests).
   """
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(functools.partial(train_step, loss_fn=create_loss(config), with_grads=with_grads),
+  return jax.jit(functools.partial(train_step, loss_fn=create_batch_loss(config),
+                                   with_grads=with_grads),
                  in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,))
 

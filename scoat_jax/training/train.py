@@ -19,10 +19,10 @@ from absl import logging
 
 from scoat_jax import checkpoints, models
 from scoat_jax.common import cli, parallel
-from scoat_jax.data import folds
+from scoat_jax.data import folds, soft_labels
 from scoat_jax.evaluation import validation
 from scoat_jax.models import outputs
-from scoat_jax.training import hooks, input_pipeline, optimization
+from scoat_jax.training import hooks, input_pipeline, optimization, unlabelled
 from scoat_jax.training.metrics_writer import MetricsWriter, summary_line
 from scoat_jax.training.schedule import paper_schedule
 
@@ -146,8 +146,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             "intensity": input_pipeline.intensity(config.data)}
     if meta["intensity"] == "uint8":
       meta["export_window"] = input_pipeline.export_window(config.data)
+    if unlabelled.enabled(config.get("unlabelled")):
+      meta["unlabelled"] = _unlabelled_provenance(config.unlabelled)
+      logging.info("semi-supervised: %s with soft labels %s, ratio %.2f, weight %.2f",
+                   config.unlabelled.name, config.unlabelled.soft_labels,
+                   config.unlabelled.ratio, config.unlabelled.weight)
     batches = input_pipeline.train_batches(
-        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+        unlabelled_cfg=config.get("unlabelled"))
 
   def diverged(step, value):
     raise NonFiniteLossError(
@@ -183,6 +189,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   epoch=done / spe, learning_rate=float(schedule(step)),
                                   train_loss=losses.mean_and_reset(), config=config)
   return last
+
+
+def _unlabelled_provenance(cfg) -> dict:
+  """What the checkpoint records of its unlabelled data: dataset, soft labels and their teacher."""
+  manifest = soft_labels.read_manifest(str(cfg.soft_labels)) or {}
+  return {"name": str(cfg.name), "soft_labels": str(cfg.soft_labels),
+          "teachers": manifest.get("teachers", []),
+          "teacher_folds": manifest.get("teacher_folds", [])}
 
 
 def _restore_or_initialise(state, manager, writer: MetricsWriter, config):
