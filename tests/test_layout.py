@@ -2,7 +2,8 @@
 
 The layers, bottom to top: common; models, data, datasets, checkpoints,
 evaluation, configs; training and inference (never importing each other);
-the commands (`scoat_jax/main.py`, `predict.py`, `followup.py`, `report.py`).
+the commands (`scoat_jax/main.py`, `predict.py`, `followup.py`, `report.py`,
+`pseudo_label.py`, ...).
 Imports are read from the source (every `import`, also inside functions).
 """
 import ast
@@ -31,7 +32,7 @@ ALLOWED = {
     "training": {"models", "data", "datasets", "checkpoints", "evaluation", "configs"},
     "inference": {"models", "data", "datasets", "checkpoints", "evaluation", "configs"},
 }
-COMMANDS = {"main", "predict", "followup", "report", "sweep", "evaluate", "export"}
+COMMANDS = {"main", "predict", "followup", "report", "sweep", "evaluate", "export", "pseudo_label"}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# launch/semiseg_semi.sh with ground glass and consolidation apart (3 classes,
+# softmax CE-Dice on the labelled slices; the unlabelled slices' soft labels, of
+# any opacity, train P(opacity) = 1 - P(background)). Same arguments and options:
+#   bash launch/semiseg_semi_3class.sh LABELLED UNLABELLED WORKDIR [options]
+exec bash "$(dirname "$0")/semiseg_semi.sh" "$@" --classes=3
