@@ -89,6 +89,7 @@ def test_a_workdir_from_before_the_newer_fields_resumes(tmp_path):
   upgraded = configs.upgrade(stored)
   assert upgraded["data"]["uint8_normalization"] == "scale"
   assert upgraded["data"]["gamma_range"] == [1.0, 1.0] and upgraded["predict_threshold"] is None
+  assert upgraded["unlabelled"] == json.loads(config.unlabelled.to_json())   # supervised
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(stored))
