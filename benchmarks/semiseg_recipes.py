@@ -18,8 +18,22 @@ is 0.5, or the argmax of 3-class models).
 The table: mean Dice over a fold's validation slices (Inf-Net's protocol,
 any opacity), its mean +/- std over folds; the paper's six metrics averaged
 over every slice of the folds; for 3-class models the DSC of ground glass and
-of consolidation over the slices that show them; training minutes per fold.
-Markdown on stdout (`--json`: one JSON line per row).
+of consolidation over the slices that show them; training minutes per fold
+(a self-training variant's include its labelling); with `--paired=VARIANT`, the
+mean per-slice DSC difference against that variant and a two-sided Wilcoxon
+signed-rank p over the same slices. Markdown on stdout (`--json`: one JSON line
+per row, per-slice DSCs included).
+
+Semi-supervised variants (`config.unlabelled`, half of every batch from
+`unlabelled_slices`, built where `--unlabelled_dir` or `--data_dir` says):
+`onehead_infnet` and `onehead_3class_infnet` read Semi-Inf-Net's maps
+(`--soft_labels=.../InfNet-pseudo`); `onehead_self` first has the fold's own
+`onehead` model label the unlabelled slices with `python -m
+scoat_jax.pseudo_label`, so its teacher saw the fold's training slices only.
+
+    python benchmarks/semiseg_recipes.py --root=runs/search --folds=0-4 \
+        --variants=onehead,onehead_infnet,onehead_self --paired=onehead \
+        --soft_labels=DIR/InfNet-pseudo
 """
 from __future__ import annotations
 
@@ -58,6 +72,17 @@ VARIANTS = {
                "--config.loss_kwargs.alpha=1.0"],            # GGO / consolidation apart
 }
 VARIANTS["onehead_3class"] = ONE_HEAD + VARIANTS["3class"]  # the chosen recipe, 3 classes
+VARIANTS["onehead_long"] = ONE_HEAD + [                     # 3x the steps, 0.01 for 120 of them
+    "--config.num_epochs=30", "--config.decay_every_epochs=12", "--config.restart_epoch=0",
+    "--config.eval_every_epochs=30"]
+# Semi-supervised: half of every batch unlabelled slices with soft labels (config.unlabelled).
+SEMI = ONE_HEAD + ["--config.unlabelled.name=unlabelled_slices", "--config.unlabelled.ratio=0.5"]
+VARIANTS["onehead_infnet"] = SEMI       # + Semi-Inf-Net's maps (--soft_labels)
+VARIANTS["onehead_self"] = SEMI         # + the fold's own onehead model's maps (pseudo_label)
+VARIANTS["onehead_infnet_long"] = SEMI + VARIANTS["onehead_long"][1:]  # both
+VARIANTS["onehead_3class_infnet"] = SEMI + VARIANTS["3class"]   # 3 classes, soft opacity maps
+SOFT_FROM = {"onehead_infnet": "--soft_labels", "onehead_self": "onehead",
+             "onehead_infnet_long": "--soft_labels", "onehead_3class_infnet": "--soft_labels"}
 INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4", "p0.3")
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 
@@ -70,19 +95,53 @@ def parse_folds(text: str) -> list[int]:
   return out
 
 
-def train(root: pathlib.Path, variant: str, fold: int, extra: list[str]) -> float:
-  """Trains one fold unless done; returns its wall seconds."""
+def soft_labels(root: pathlib.Path, variant: str, fold: int, args) -> tuple[list[str], float]:
+  """The soft-label override of a semi-supervised variant, and the seconds spent labelling.
+
+  `onehead_infnet` reads Semi-Inf-Net's maps (`--soft_labels`); `onehead_self`
+  has the fold's own `onehead` model label the unlabelled slices first (its
+  teacher never saw the fold's validation slices), with `python -m
+  scoat_jax.pseudo_label`, into `<root>/onehead_self/fold<k>_soft`.
+  """
+  source = SOFT_FROM.get(variant)
+  if source is None:
+    return [], 0.0
+  if source == "--soft_labels":
+    assert args.soft_labels, "main() checks --soft_labels"
+    return [f"--config.unlabelled.soft_labels={args.soft_labels}"], 0.0
+  output = root / variant / f"fold{fold}_soft"
+  seconds = 0.0
+  if not output.is_dir():
+    train(root, source, fold, args)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "scoat_jax.pseudo_label", f"--teacher={root / source / f'fold{fold}'}",
+           "--data=unlabelled_slices", f"--data_dir={args.unlabelled_dir or args.data_dir or ''}",
+           f"--output={output}"]
+    print(f"# labelling for {variant} fold {fold}: {' '.join(cmd[1:])}", file=sys.stderr,
+          flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.time() - t0
+  return [f"--config.unlabelled.soft_labels={output}"], seconds
+
+
+def train(root: pathlib.Path, variant: str, fold: int, args) -> float:
+  """Trains one fold unless done; returns its wall seconds (labelling included)."""
   workdir = root / variant / f"fold{fold}"
   stamp = workdir / "train_seconds.txt"
   if stamp.exists():
     return float(stamp.read_text())
+  soft, label_seconds = soft_labels(root, variant, fold, args)
+  data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
+  if args.unlabelled_dir and soft:
+    data.append(f"--config.unlabelled.data_dir={args.unlabelled_dir}")
   cmd = [sys.executable, "-m", "scoat_jax.main", "--config=scoat_jax/configs/default.py",
          f"--flagfile={FLAGFILE}", f"--config.data.fold={fold}", f"--workdir={workdir}",
-         *VARIANTS[variant], *extra]
+         *VARIANTS[variant], *data, *soft, *args.extra]
   print(f"# training {variant} fold {fold}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
   t0 = time.time()
   subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-  seconds = time.time() - t0
+  seconds = time.time() - t0 + label_seconds
   stamp.write_text(f"{seconds:.1f}\n")
   return seconds
 
@@ -146,6 +205,8 @@ def score_variant(root: pathlib.Path, variant: str, folds: list[int], data_dir: 
     row = {"variant": variant, "inference": name, "folds": len(folds),
            "dsc_folds_mean": float(np.mean(fold_dsc)), "dsc_folds_std": float(np.std(fold_dsc)),
            "dsc_per_fold": fold_dsc, "slices": len(every),
+           "slice_ids": [sid for f in folds for sid, _, _ in per_fold[name][f]],
+           "dsc_per_slice": [c["dsc"] for c in every],
            "train_minutes_per_fold": float(np.mean(seconds)) / 60}
     row.update({k: float(np.mean([c[k] for c in every])) for k in METRICS})
     if num_classes == 3:
@@ -160,18 +221,36 @@ def score_variant(root: pathlib.Path, variant: str, folds: list[int], data_dir: 
   return rows
 
 
+def paired_test(rows: list[dict], baseline: str) -> None:
+  """Adds `paired_p` (two-sided Wilcoxon signed-rank, per-slice DSC) and `paired_delta`.
+
+  Each row is compared with the baseline variant's row of the same inference
+  variant (its plain row where it has none), slice by slice.
+  """
+  from scipy import stats
+  bases = {r["inference"]: r for r in rows if r["variant"] == baseline}
+  for row in rows:
+    base = bases.get(row["inference"], bases.get("plain"))
+    if base is None or row is base or row["slice_ids"] != base["slice_ids"]:
+      continue
+    diff = np.asarray(row["dsc_per_slice"]) - np.asarray(base["dsc_per_slice"])
+    row["paired_delta"] = float(diff.mean())
+    row["paired_p"] = float(stats.wilcoxon(diff).pvalue) if np.any(diff) else 1.0
+
+
 def markdown(rows: list[dict]) -> str:
   head = ("| variant | inference | folds | mean Dice over folds | SEN | PPV | VA | RLP | RLR "
-          "| DSC GGO | DSC consolidation | train min/fold |")
-  out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| DSC GGO | DSC consolidation | train min/fold | paired ΔDSC (p) |")
+  out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     ggo = f"{r['dsc_ggo']:.3f}" if "dsc_ggo" in r else "-"
     con = f"{r['dsc_consolidation']:.3f}" if "dsc_consolidation" in r else "-"
     name = r["inference"] + (f" ({r['rule']})" if r.get("rule") else "")
+    paired = (f"{r['paired_delta']:+.3f} ({r['paired_p']:.3g})" if "paired_p" in r else "-")
     out.append(f"| {r['variant']} | {name} | {r['folds']} | {r['dsc_folds_mean']:.3f} ± "
                f"{r['dsc_folds_std']:.3f} | {r['sen']:.3f} | {r['ppv']:.3f} | {r['va']:.3f} | "
                f"{r['rlp']:.3f} | {r['rlr']:.3f} | {ggo} | {con} | "
-               f"{r['train_minutes_per_fold']:.1f} |")
+               f"{r['train_minutes_per_fold']:.1f} | {paired} |")
   return "\n".join(out)
 
 
@@ -184,6 +263,13 @@ def main(argv=None) -> int:
   p.add_argument("--data_dir", default=None, help="where covid_semiseg is built (TFDS default)")
   p.add_argument("--score_only", action="store_true", help="score finished folds, train none")
   p.add_argument("--json", action="store_true", help="one JSON line per row instead of markdown")
+  p.add_argument("--unlabelled_dir", default=None,
+                 help="where unlabelled_slices is built (default: --data_dir)")
+  p.add_argument("--soft_labels", default=None,
+                 help="Semi-Inf-Net's InfNet-pseudo/ folder, for onehead_infnet")
+  p.add_argument("--paired", default=None,
+                 help="a variant: every row also gets a Wilcoxon signed-rank test of its "
+                      "per-slice DSC against that variant's plain row (same slices)")
   p.add_argument("--extra", action="append", default=[],
                  help="an extra --config. override for every run (repeatable)")
   args = p.parse_args(argv)
@@ -192,6 +278,11 @@ def main(argv=None) -> int:
   for n in names:
     if n not in VARIANTS:
       print(f"error: --variants: {n!r} is not one of {', '.join(VARIANTS)}", file=sys.stderr)
+      return 2
+  for n in names:
+    if SOFT_FROM.get(n) == "--soft_labels" and not args.soft_labels and not args.score_only:
+      print(f"error: --variants={n} needs --soft_labels=DIR (Semi-Inf-Net's InfNet-pseudo/)",
+            file=sys.stderr)
       return 2
   for n in inference:
     if n not in INFERENCE:
@@ -202,10 +293,14 @@ def main(argv=None) -> int:
   if not args.score_only:
     for n in names:
       for k in folds:
-        train(root, n, k, args.extra)
+        train(root, n, k, args)
   names = [n for n in names
            if all((root / n / f"fold{k}" / "train_seconds.txt").exists() for k in folds)]
+  if args.paired and args.paired not in names:
+    names.append(args.paired)
   rows = [r for n in names for r in score_variant(root, n, folds, args.data_dir, inference)]
+  if args.paired:
+    paired_test(rows, args.paired)
   if args.json:
     for r in rows:
       print(json.dumps(r))

@@ -118,8 +118,30 @@ def test_semiseg_recipe_search_trains_scores_and_refuses_bad_requests(tmp_path):
     dsc.append(2 * np.count_nonzero(pred & truth) / (np.count_nonzero(pred) + np.count_nonzero(truth)))
   assert rows["plain"]["dsc_folds_mean"] == pytest.approx(np.mean(dsc), abs=1e-9)
   assert rows["p0.5"]["dsc_folds_mean"] == rows["plain"]["dsc_folds_mean"]   # 0.5 is the default
+  # Self-training: the fold's onehead model labels unlabelled slices, its student trains on
+  # both; every row gets a paired test against onehead (same slices).
+  unlabelled = tmp_path / "unlabelled"
+  (unlabelled / "Imgs").mkdir(parents=True)
+  for k in range(4):
+    Image.fromarray(rng.integers(0, 255, (30, 30)).astype(np.uint8)).save(
+        unlabelled / "Imgs" / f"scan{k // 2}_{k % 2}.png")
+  build.build("unlabelled_slices", str(data_dir), str(unlabelled))
+  proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'runs'}",
+                    "--variants=onehead_self", "--paired=onehead", "--folds=0",
+                    "--inference=plain", f"--data_dir={data_dir}", "--json", *extra)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = {r["variant"]: r for r in map(json.loads, proc.stdout.splitlines())}
+  assert set(rows) == {"onehead_self", "onehead"}
+  soft = json.loads((tmp_path / "runs" / "onehead_self" / "fold0_soft" / "soft_labels.json")
+                    .read_text())
+  assert soft["num_slices"] == 4 and soft["teacher_folds"] == [0]
+  self_row, base = rows["onehead_self"], rows["onehead"]
+  assert self_row["slice_ids"] == base["slice_ids"] and "paired_p" not in base
+  delta = np.mean(np.subtract(self_row["dsc_per_slice"], base["dsc_per_slice"]))
+  assert self_row["paired_delta"] == pytest.approx(delta) and 0 <= self_row["paired_p"] <= 1
   for flags, message in ((("--variants=nope",), "--variants: 'nope'"),
-                         (("--inference=plain,max",), "--inference: 'max'")):
+                         (("--inference=plain,max",), "--inference: 'max'"),
+                         (("--variants=onehead_infnet",), "--variants=onehead_infnet needs")):
     proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'bad'}", *flags)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}")
     assert not (tmp_path / "bad").exists()
