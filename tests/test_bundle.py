@@ -1,7 +1,9 @@
 """Model bundles: export, round trip bit for bit, ensembles, versions, PyTorch weights, refusals."""
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +77,15 @@ def test_bundle_predicts_bit_for_bit_what_its_workdir_predicts(shifted_workdir, 
   np.testing.assert_array_equal(pb, pw)
   assert rb["lov_ml"] == rw["lov_ml"] and rb["lesions"] == rw["lesions"]
   assert rb["checkpoints"][0]["bundle"] == str((tmp_path / "model").absolute())
+  # The model's identity names no local path, and one set of weights has one hash.
+  sha = rw["checkpoints"][0]["weights_sha256"]
+  assert rw["model_id"] == {"name": shifted_workdir.name, "version": f"step {member['step']}",
+                            "sha256": sha, "members": 1}
+  assert rb["model_id"] == {"name": "model", "sha256": sha, "members": 1,
+                            "version": f"{index['created']} (scoat_jax {index['scoat_jax_version']})"}
+  shutil.copytree(tmp_path / "model", tmp_path / "elsewhere" / "model")
+  _predict([tmp_path / "elsewhere" / "model"], scan_path, tmp_path / "c", lung_rule=False)
+  assert _outputs(tmp_path / "c")[2]["model_id"] == rb["model_id"]
 
 
 def test_ensemble_bundle_equals_predict_with_the_same_checkpoints(shifted_workdir, second_fold,
@@ -86,9 +97,15 @@ def test_ensemble_bundle_equals_predict_with_the_same_checkpoints(shifted_workdi
   assert len(inference.load_ensemble([tmp_path / "model"])) == 2
   _predict([shifted_workdir, second_fold], scan_path, tmp_path / "w", tta=True)
   _predict([tmp_path / "model"], scan_path, tmp_path / "b", tta=True)
-  (mw, pw, _), (mb, pb, _) = _outputs(tmp_path / "w"), _outputs(tmp_path / "b")
+  (mw, pw, rw), (mb, pb, rb) = _outputs(tmp_path / "w"), _outputs(tmp_path / "b")
   np.testing.assert_array_equal(mb, mw)
   np.testing.assert_array_equal(pb, pw)
+  # An ensemble's hash is that of its members' hashes in order, wherever they are stored.
+  hashes = [c["weights_sha256"] for c in rw["checkpoints"]]
+  assert len(set(hashes)) == 2 and rb["model_id"]["members"] == 2
+  assert rb["model_id"]["sha256"] == rw["model_id"]["sha256"] == hashlib.sha256(
+      "\n".join(hashes).encode()).hexdigest()
+  assert rw["model_id"]["name"] == "workdir"   # both runs' folders are named so: said once
 
 
 def test_newer_or_damaged_bundles_are_refused(shifted_workdir, tmp_path):

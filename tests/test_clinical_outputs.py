@@ -28,8 +28,19 @@ def test_dicom_seg_frames_land_on_their_source_slices(shifted_workdir, tmp_path)
   import highdicom as hd
   scan = test_scan()
   series = dicom_writer.write_dicom_series(scan.hu, scan.geometry, tmp_path / "series",
-                                           patient_id="P7", study_date="20200402")
+                                           patient_id="P7", study_date="20200402",
+                                           study_uid="1.2.826.0.1.7.1", series_uid="1.2.826.0.1.7.2",
+                                           accession_number="ACC0042")
   [report] = _run(shifted_workdir, series, tmp_path / "out", output_format="both")
+  # The cohort table names the study, the series and the model without a local path.
+  with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+    [row] = list(csv.DictReader(f))
+  assert (row["patient_id"], row["study_date"], row["accession_number"],
+          row["study_instance_uid"], row["series_instance_uid"]) == (
+              "P7", "20200402", "ACC0042", "1.2.826.0.1.7.1", "1.2.826.0.1.7.2")
+  assert (row["model"], row["model_version"], row["model_sha256"]) == (
+      "workdir", f"step {report['checkpoints'][0]['step']}",
+      report["checkpoints"][0]["weights_sha256"])
   mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "series_mask.nii.gz")))
   assert mask.any() and report["outputs"]["dicom_seg"] == "series_seg.dcm"
   seg = hd.seg.segread(tmp_path / "out" / "series_seg.dcm")
@@ -81,7 +92,8 @@ def test_key_images_and_cohort_table(shifted_workdir, tmp_path):
     assert float(row["lov_ml"]) == pytest.approx(r["lov_ml"], abs=1e-3)
     assert float(row["poi_percent"]) == pytest.approx(r["poi_percent"], abs=1e-3)
     assert int(row["num_lesions"]) == r["num_lesions"]
-    assert row["model"].startswith("scoat_net, ") and row["ggo_ml"] == ""
+    assert row["model"] == shifted_workdir.name and row["ggo_ml"] == ""
+    assert len(row["model_sha256"]) == 64 and row["series_instance_uid"] == ""
   # A second run into the same folder needs --overwrite: the table counts as a result.
   for p in out.glob("t*_*"):
     p.unlink()

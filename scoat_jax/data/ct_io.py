@@ -43,7 +43,8 @@ READ_SUFFIXES = WRITE_SUFFIXES + (".mhd",)
 SPACING_RANGE_MM = (0.05, 50.0)
 # The DICOM tags kept as a series' metadata (`CTVolume.metadata`).
 DICOM_TAGS = {"patient_id": "0010|0020", "study_date": "0008|0020",
-              "series_description": "0008|103e", "series_uid": "0020|000e"}
+              "series_description": "0008|103e", "series_uid": "0020|000e",
+              "study_uid": "0020|000d", "accession_number": "0008|0050"}
 
 
 @dataclasses.dataclass
@@ -55,7 +56,8 @@ class CTVolume:
       the axial slice (`orientation`: whatever order the file stored).
     geometry: the voxel grid of `hu`.
     metadata: DICOM tags of interest when read from a series (patient_id,
-      study_date, series_description, series_uid); empty otherwise.
+      study_date, series_description, series_uid, study_uid, accession_number);
+      empty otherwise.
     reorientation: how the file's own grid maps to `geometry`; None when the
       volume was built in memory on the canonical grid.
   """

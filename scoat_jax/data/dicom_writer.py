@@ -42,6 +42,7 @@ def write_dicom_series(hu: np.ndarray,
                        series_description: str = "scoat_jax CT",
                        study_uid: str | None = None,
                        series_uid: str | None = None,
+                       accession_number: str = "",
                        overwrite: bool = False) -> pathlib.Path:
   """Writes a CT volume as a DICOM series (one file per slice) that `ct_io.read_ct` reads back.
 
@@ -59,6 +60,7 @@ def write_dicom_series(hu: np.ndarray,
     patient_id: PatientID (0010,0020).
     study_date: StudyDate 'YYYYMMDD'.
     series_description: SeriesDescription.
+    accession_number: AccessionNumber (0008,0050), left empty by default.
     study_uid, series_uid: explicit UIDs; by default derived deterministically
       from patient_id, study_date and series_description.
     overwrite: replace an existing directory.
@@ -115,6 +117,7 @@ def write_dicom_series(hu: np.ndarray,
       "0008|0021": study_date,
       "0008|0030": "120000",
       "0008|0031": "120000",
+      "0008|0050": accession_number[:16],
       "0008|103e": series_description[:64],
       "0010|0010": patient_id[:64],
       "0010|0020": patient_id[:64],

@@ -74,7 +74,8 @@ def summary_lines(report: dict, *, model: str, date) -> list[str]:
   rule = _rule_line(report)
   if rule:
     lines.append(rule)
-  lines += ["", f"Model: {model}", f"Report date: {_date_text(date)}"]
+  lines += ["", *textwrap.wrap(f"Model: {model}", _WRAP, subsequent_indent="  "),
+            f"Report date: {_date_text(date)}"]
   warnings = list(report.get("warnings") or [])
   if warnings:
     lines += ["", "Warnings:"]

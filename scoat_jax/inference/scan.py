@@ -25,6 +25,7 @@ through the network and only the pixel rule of post-processing applies.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 import time
 
@@ -145,12 +146,44 @@ def finish_slice(predictor, labels: np.ndarray, prob: np.ndarray | None, *,
 
 
 def model_label(models) -> str:
-  """'scoat_net, model (5 members)' or 'scoat_net, runs/fold0 step 120': the report's model."""
-  first = models[0]
-  where = first.meta.get("bundle") or str(first.step_dir)
-  if len(models) > 1:
-    return f"{first.config.model_name}, {where} ({len(models)} members)"
-  return f"{first.config.model_name}, {where}" + (f" step {first.step}" if first.step else "")
+  """'scoat_net, model (2026-12-05T14:28:38+00:00 (scoat_jax 0.1.0), 5 members), sha256
+  5c505453fa3a': the report's and key image's model, without a local path (`model_identity`)."""
+  ident = model_identity(models)
+  detail = ", ".join(x for x in (ident["version"], f"{ident['members']} members"
+                                 if ident["members"] > 1 else "") if x)
+  return (f"{models[0].config.model_name}, {ident['name']}" + (f" ({detail})" if detail else "")
+          + f", sha256 {ident['sha256'][:12]}")
+
+
+def _source_name(m) -> str:
+  """A model's name without the local path: its bundle's folder name, else its run's."""
+  if m.meta.get("bundle"):
+    return pathlib.Path(m.meta["bundle"]).name
+  where = pathlib.Path(m.step_dir)
+  if where.parent.name == "checkpoints":   # <workdir>/checkpoints/<step>
+    return where.parent.parent.name
+  return where.stem if where.suffix else where.name
+
+
+def model_identity(models) -> dict:
+  """What `predictions.csv` names a model by: {'name', 'version', 'sha256'}.
+
+  name: the bundle's folder name (a run's folder for a checkpoint, the file's stem for
+  PyTorch weights); version: the bundle's creation date and scoat_jax version, or the
+  step; sha256: the weights' content hash (`model_checks.weights_sha256`), for an
+  ensemble the hash of its members' hashes in order. Two rows with one sha256 come from
+  the very same weights wherever the files lay.
+  """
+  def unique(values):
+    return list(dict.fromkeys(values))
+  names = unique(_source_name(m) for m in models)
+  versions = unique(m.meta.get("bundle_version") or (f"step {m.step}" if m.step is not None
+                                                       else "") for m in models)
+  hashes = [m.weights_sha256 for m in models]
+  digest = hashes[0] if len(hashes) == 1 else hashlib.sha256(
+      "\n".join(hashes).encode()).hexdigest()
+  return {"name": " + ".join(names), "version": " + ".join(v for v in versions if v),
+          "sha256": digest, "members": len(models)}
 
 
 def _geometry_json(g: ct_io.Geometry) -> dict:
@@ -183,7 +216,7 @@ def report(predictor, name: str, source: str, data: Loaded, result: ScanResult,
   if volume:
     stats["lesions"] = _lesion_indices_to_stored(stats["lesions"], data.reorientation)
   out = {"name": name, "input": source, "kind": "volume" if volume else "slice", **stats,
-         "model": model}
+         "model": model, "model_id": model_identity(predictor.models)}
   if volume:
     turn = data.reorientation
     out["geometry"] = _geometry_json(turn.stored if turn is not None else data.geometry)
