@@ -6,9 +6,11 @@ r"""The COVID-SemiSeg recipe search: training variants x inference variants, by 
 Every training variant (VARIANTS) is `launch/semiseg_search.cfg` plus its own
 `--config.` overrides, trained fold by fold with `python -m scoat_jax.main`
 into `<root>/<variant>/fold<k>`; a finished fold is kept (not trained again)
-and its wall time is stored beside it (`train_seconds.txt`). Each fold's
-last checkpoint then predicts its own validation slices on their own grid,
-exactly as `predict` does, under each inference variant (INFERENCE): plain,
+and its wall time is stored beside it (`train_seconds.txt`), with the versions of
+the libraries it trained with (`versions.txt`: rows are compared under one set of
+versions). Each fold's last checkpoint then predicts its own validation
+slices on their own grid, exactly as `predict` does, under each inference
+variant (INFERENCE): plain,
 left-right flip TTA, the heads averaged (deep-supervision models),
 post-processing chosen on the pooled folds' plain predictions as `export`
 chooses it (so its gain is measured on the slices it was chosen on), and
@@ -125,6 +127,18 @@ def soft_labels(root: pathlib.Path, variant: str, fold: int, args) -> tuple[list
   return [f"--config.unlabelled.soft_labels={output}"], seconds
 
 
+def versions() -> str:
+  """'jax 0.10.2, jaxlib 0.10.2, flax ..., numpy ..., Pillow ...': what a trained number rests on."""
+  from importlib import metadata
+  out = []
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy", "Pillow"):
+    try:
+      out.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+      out.append(f"{name} -")
+  return ", ".join(out)
+
+
 def train(root: pathlib.Path, variant: str, fold: int, args) -> float:
   """Trains one fold unless done; returns its wall seconds (labelling included)."""
   workdir = root / variant / f"fold{fold}"
@@ -142,6 +156,7 @@ def train(root: pathlib.Path, variant: str, fold: int, args) -> float:
   t0 = time.time()
   subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
   seconds = time.time() - t0 + label_seconds
+  (workdir / "versions.txt").write_text(versions() + "\n")
   stamp.write_text(f"{seconds:.1f}\n")
   return seconds
 
@@ -306,7 +321,7 @@ def main(argv=None) -> int:
       print(json.dumps(r))
   else:
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; python benchmarks/semiseg_recipes.py "
+          f"{os.cpu_count()} CPUs, {versions()}; python benchmarks/semiseg_recipes.py "
           + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
     print(markdown(rows))
   return 0
