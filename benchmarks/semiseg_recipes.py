@@ -32,6 +32,9 @@ Semi-supervised variants (`config.unlabelled`, half of every batch from
 (`--soft_labels=.../InfNet-pseudo`); `onehead_self` first has the fold's own
 `onehead` model label the unlabelled slices with `python -m
 scoat_jax.pseudo_label`, so its teacher saw the fold's training slices only.
+`onehead_infnet_pretrain` trains on Semi-Inf-Net's maps alone (`ratio=1`) and
+`onehead_infnet_finetune` fine-tunes its last step on the labelled slices
+(`config.init_from`): Semi-Inf-Net's own protocol, its time both stages'.
 
     python benchmarks/semiseg_recipes.py --root=runs/search --folds=0-4 \
         --variants=onehead,onehead_infnet,onehead_self --paired=onehead \
@@ -83,8 +86,19 @@ VARIANTS["onehead_infnet"] = SEMI       # + Semi-Inf-Net's maps (--soft_labels)
 VARIANTS["onehead_self"] = SEMI         # + the fold's own onehead model's maps (pseudo_label)
 VARIANTS["onehead_infnet_long"] = SEMI + VARIANTS["onehead_long"][1:]  # both
 VARIANTS["onehead_3class_infnet"] = SEMI + VARIANTS["3class"]   # 3 classes, soft opacity maps
-SOFT_FROM = {"onehead_infnet": "--soft_labels", "onehead_self": "onehead",
-             "onehead_infnet_long": "--soft_labels", "onehead_3class_infnet": "--soft_labels"}
+# One slot of four unlabelled, its loss weighted 0.5: the labelled slices keep 3/4 of the steps.
+VARIANTS["onehead_infnet_light_long"] = ONE_HEAD + [
+    "--config.unlabelled.name=unlabelled_slices", "--config.unlabelled.ratio=0.25",
+    "--config.unlabelled.weight=0.5"] + VARIANTS["onehead_long"][1:]
+# Semi-Inf-Net's protocol: train on the pseudo-labelled slices alone, then fine-tune the
+# result on the labelled ones (config.init_from; the same steps again).
+VARIANTS["onehead_infnet_pretrain"] = ONE_HEAD + [
+    "--config.unlabelled.name=unlabelled_slices", "--config.unlabelled.ratio=1"]
+VARIANTS["onehead_infnet_finetune"] = ONE_HEAD
+INIT_FROM = {"onehead_infnet_finetune": "onehead_infnet_pretrain"}   # variant: trained first
+SOFT_FROM = {"onehead_infnet": "--soft_labels", "onehead_infnet_pretrain": "--soft_labels", "onehead_self": "onehead",
+             "onehead_infnet_long": "--soft_labels", "onehead_3class_infnet": "--soft_labels",
+             "onehead_infnet_light_long": "--soft_labels"}
 INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4", "p0.3")
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 
@@ -140,18 +154,26 @@ def versions() -> str:
 
 
 def train(root: pathlib.Path, variant: str, fold: int, args) -> float:
-  """Trains one fold unless done; returns its wall seconds (labelling included)."""
+  """Trains one fold unless done; returns its wall seconds (labelling and a first stage
+  included)."""
   workdir = root / variant / f"fold{fold}"
   stamp = workdir / "train_seconds.txt"
   if stamp.exists():
     return float(stamp.read_text())
   soft, label_seconds = soft_labels(root, variant, fold, args)
+  init = []
+  if variant in INIT_FROM:   # its first stage's last step, not a step chosen on validation
+    first = INIT_FROM[variant]
+    label_seconds += train(root, first, fold, args)
+    steps = root / first / f"fold{fold}" / "checkpoints"
+    last = max((d for d in steps.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+    init = [f"--config.init_from={last}"]
   data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
   if args.unlabelled_dir and soft:
     data.append(f"--config.unlabelled.data_dir={args.unlabelled_dir}")
   cmd = [sys.executable, "-m", "scoat_jax.main", "--config=scoat_jax/configs/default.py",
          f"--flagfile={FLAGFILE}", f"--config.data.fold={fold}", f"--workdir={workdir}",
-         *VARIANTS[variant], *data, *soft, *args.extra]
+         *VARIANTS[variant], *data, *soft, *init, *args.extra]
   print(f"# training {variant} fold {fold}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
   t0 = time.time()
   subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
@@ -295,7 +317,8 @@ def main(argv=None) -> int:
       print(f"error: --variants: {n!r} is not one of {', '.join(VARIANTS)}", file=sys.stderr)
       return 2
   for n in names:
-    if SOFT_FROM.get(n) == "--soft_labels" and not args.soft_labels and not args.score_only:
+    needs = SOFT_FROM.get(n) or SOFT_FROM.get(INIT_FROM.get(n, ""))
+    if needs == "--soft_labels" and not args.soft_labels and not args.score_only:
       print(f"error: --variants={n} needs --soft_labels=DIR (Semi-Inf-Net's InfNet-pseudo/)",
             file=sys.stderr)
       return 2

@@ -140,9 +140,28 @@ def test_semiseg_recipe_search_trains_scores_and_refuses_bad_requests(tmp_path):
   assert self_row["slice_ids"] == base["slice_ids"] and "paired_p" not in base
   delta = np.mean(np.subtract(self_row["dsc_per_slice"], base["dsc_per_slice"]))
   assert self_row["paired_delta"] == pytest.approx(delta) and 0 <= self_row["paired_p"] <= 1
+  # Semi-Inf-Net's protocol: maps alone first, then fine-tuning from that stage's last step.
+  maps = tmp_path / "maps"
+  maps.mkdir()
+  for k in range(4):
+    Image.fromarray(rng.integers(0, 255, (30, 30)).astype(np.uint8)).save(
+        maps / f"scan{k // 2}_{k % 2}.png")
+  proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'runs'}",
+                    "--variants=onehead_infnet_finetune", "--folds=0", "--inference=plain",
+                    f"--data_dir={data_dir}", f"--soft_labels={maps}", "--json", *extra)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  [row] = map(json.loads, proc.stdout.splitlines())
+  assert row["variant"] == "onehead_infnet_finetune" and row["slices"] == 2
+  first = tmp_path / "runs" / "onehead_infnet_pretrain" / "fold0"
+  config = json.loads((tmp_path / "runs" / "onehead_infnet_finetune" / "fold0" / "config.json")
+                      .read_text())
+  assert config["init_from"] == str(first / "checkpoints" / "2")
+  assert json.loads((first / "config.json").read_text())["unlabelled"]["ratio"] == 1
   for flags, message in ((("--variants=nope",), "--variants: 'nope'"),
                          (("--inference=plain,max",), "--inference: 'max'"),
-                         (("--variants=onehead_infnet",), "--variants=onehead_infnet needs")):
+                         (("--variants=onehead_infnet",), "--variants=onehead_infnet needs"),
+                         (("--variants=onehead_infnet_finetune",),
+                          "--variants=onehead_infnet_finetune needs")):
     proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'bad'}", *flags)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}")
     assert not (tmp_path / "bad").exists()
