@@ -331,7 +331,13 @@ def main(argv=None) -> int:
   if not args.score_only:
     for n in names:
       for k in folds:
-        train(root, n, k, args)
+        try:
+          train(root, n, k, args)
+        except subprocess.CalledProcessError as e:   # its own stderr has said why
+          print(f"error: python {' '.join(map(str, e.cmd[1:3]))} exited {e.returncode} for "
+                f"{n} fold {k} (its messages are above); finished folds are kept: run again "
+                "to go on", file=sys.stderr)
+          return 1
   names = [n for n in names
            if all((root / n / f"fold{k}" / "train_seconds.txt").exists() for k in folds)]
   if args.paired and args.paired not in names:
