@@ -50,6 +50,13 @@ def test_bad_model_is_refused():
   assert proc.returncode == 2 and "--model: 'resnet' is not a network" in proc.stderr
 
 
+def test_semi_phantom_refuses_bad_flags_before_writing(tmp_path):
+  for flag, message in (("--seeds=a", "--seeds=a"), ("--unlabelled=0", "--unlabelled=0")):
+    proc = _benchmark("semi_phantom.py", f"--root={tmp_path / 'runs'}", flag)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}")
+  assert not (tmp_path / "runs").exists()
+
+
 def test_bad_batch_is_refused():
   proc = _benchmark("train_step.py", "--devices=2", "--batch=3", "--size=32",
                     "--widths=4,8,16,32,64")
