@@ -35,6 +35,10 @@ scoat_jax.pseudo_label`, so its teacher saw the fold's training slices only.
 `onehead_infnet_pretrain` trains on Semi-Inf-Net's maps alone (`ratio=1`) and
 `onehead_infnet_finetune` fine-tunes its last step on the labelled slices
 (`config.init_from`): Semi-Inf-Net's own protocol, its time both stages'.
+`onehead_infnet_matched` and `onehead_self_matched` first map every unlabelled
+scan's grey levels onto the fold's labelled training slices
+(`config.unlabelled.match_intensity`; the own teacher labels the matched slices,
+`pseudo_label --match_intensity`).
 
     python benchmarks/semiseg_recipes.py --root=runs/search --folds=0-4 \
         --variants=onehead,onehead_infnet,onehead_self --paired=onehead \
@@ -95,10 +99,16 @@ VARIANTS["onehead_infnet_light_long"] = ONE_HEAD + [
 VARIANTS["onehead_infnet_pretrain"] = ONE_HEAD + [
     "--config.unlabelled.name=unlabelled_slices", "--config.unlabelled.ratio=1"]
 VARIANTS["onehead_infnet_finetune"] = ONE_HEAD
+# Every unlabelled scan's grey levels matched to the fold's labelled training slices
+# (config.unlabelled.match_intensity; its teacher labels the matched slices too).
+MATCH = ["--config.unlabelled.match_intensity=True"]
+VARIANTS["onehead_infnet_matched"] = SEMI + MATCH
+VARIANTS["onehead_self_matched"] = SEMI + MATCH
 INIT_FROM = {"onehead_infnet_finetune": "onehead_infnet_pretrain"}   # variant: trained first
 SOFT_FROM = {"onehead_infnet": "--soft_labels", "onehead_infnet_pretrain": "--soft_labels", "onehead_self": "onehead",
              "onehead_infnet_long": "--soft_labels", "onehead_3class_infnet": "--soft_labels",
-             "onehead_infnet_light_long": "--soft_labels"}
+             "onehead_infnet_light_long": "--soft_labels", "onehead_infnet_matched": "--soft_labels",
+             "onehead_self_matched": "onehead"}
 INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4", "p0.3")
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 
@@ -132,7 +142,7 @@ def soft_labels(root: pathlib.Path, variant: str, fold: int, args) -> tuple[list
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "scoat_jax.pseudo_label", f"--teacher={root / source / f'fold{fold}'}",
            "--data=unlabelled_slices", f"--data_dir={args.unlabelled_dir or args.data_dir or ''}",
-           f"--output={output}"]
+           f"--output={output}"] + (["--match_intensity"] if MATCH[0] in VARIANTS[variant] else [])
     print(f"# labelling for {variant} fold {fold}: {' '.join(cmd[1:])}", file=sys.stderr,
           flush=True)
     t0 = time.time()

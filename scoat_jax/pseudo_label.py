@@ -42,6 +42,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "Replace an existing --output folder (once the new one is "
                     "complete).")
   flags.DEFINE_bool("tta", False, "Also predict the mirrored slice and average.")
+  flags.DEFINE_bool("match_intensity", False, "8-bit slices: map each scan's grey levels onto "
+                    "the histogram of the teacher's own training slices first (train the student "
+                    "with --config.unlabelled.match_intensity=True).")
   flags.DEFINE_integer("batch_size", 0, "Slices per forward pass (0: one per CPU device, 8 per "
                        "accelerator).")
   flags.DEFINE_string("compilation_cache_dir", "~/.cache/scoat_jax/jax_cache",
@@ -52,7 +55,8 @@ def main(argv):
   def run():
     from scoat_jax.inference import pseudo_labels
     manifest = pseudo_labels.label(FLAGS.teacher, FLAGS.data, FLAGS.data_dir, FLAGS.output,
-                     overwrite=FLAGS.overwrite, tta=FLAGS.tta, batch_size=FLAGS.batch_size)
+                     overwrite=FLAGS.overwrite, tta=FLAGS.tta, batch_size=FLAGS.batch_size,
+                     match_intensity=FLAGS.match_intensity)
     cli.echo(f"{manifest['num_slices']} soft labels of {manifest['dataset']} in "
              f"{os.path.abspath(FLAGS.output)} (teacher fold(s) {manifest['teacher_folds']}, mean "
              f"confidence {manifest['mean_confidence']:.3f}); train with "

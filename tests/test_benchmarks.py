@@ -135,14 +135,18 @@ def test_semiseg_recipe_search_trains_scores_and_refuses_bad_requests(tmp_path):
         unlabelled / "Imgs" / f"scan{k // 2}_{k % 2}.png")
   build.build("unlabelled_slices", str(data_dir), str(unlabelled))
   proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'runs'}",
-                    "--variants=onehead_self", "--paired=onehead", "--folds=0",
+                    "--variants=onehead_self,onehead_self_matched", "--paired=onehead", "--folds=0",
                     "--inference=plain", f"--data_dir={data_dir}", "--json", *extra)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = {r["variant"]: r for r in map(json.loads, proc.stdout.splitlines())}
-  assert set(rows) == {"onehead_self", "onehead"}
-  soft = json.loads((tmp_path / "runs" / "onehead_self" / "fold0_soft" / "soft_labels.json")
-                    .read_text())
-  assert soft["num_slices"] == 4 and soft["teacher_folds"] == [0]
+  assert set(rows) == {"onehead_self", "onehead_self_matched", "onehead"}
+  for variant, matched in (("onehead_self", False), ("onehead_self_matched", True)):
+    soft = json.loads((tmp_path / "runs" / variant / "fold0_soft" / "soft_labels.json")
+                      .read_text())
+    assert soft["num_slices"] == 4 and soft["teacher_folds"] == [0]
+    assert soft["match_intensity"] is matched   # the teacher saw what its student sees
+    config = json.loads((tmp_path / "runs" / variant / "fold0" / "config.json").read_text())
+    assert config["unlabelled"]["match_intensity"] is matched
   self_row, base = rows["onehead_self"], rows["onehead"]
   assert self_row["slice_ids"] == base["slice_ids"] and "paired_p" not in base
   delta = np.mean(np.subtract(self_row["dsc_per_slice"], base["dsc_per_slice"]))

@@ -81,7 +81,7 @@ def test_a_workdir_from_before_the_newer_fields_resumes(tmp_path):
   config = default.get_config()
   config.data.name = "covid_semiseg"
   stored = json.loads(config.to_json())
-  for path in configs.ADDED_IN_VERSION_3:
+  for path in sorted(configs.ADDED_IN_VERSION_3, key=len, reverse=True):  # nested ones first
     parent = stored
     for key in path[:-1]:
       parent = parent[key]

@@ -16,7 +16,7 @@ from scoat_jax import datasets
 from scoat_jax.configs import default
 from scoat_jax.data import phantom, preprocess, soft_labels
 from scoat_jax.inference import pseudo_labels as pseudo_label
-from scoat_jax.datasets import build
+from scoat_jax.datasets import build, intensity_match
 from scoat_jax.training import input_pipeline as ip
 from scoat_jax.training import losses, optimization, train, unlabelled
 from trained_checkpoint import one_device, tiny_config
@@ -192,9 +192,91 @@ def _letterbox(m):
 
 
 def _as_hu(open_source):
-  def patched(cfg, *, intensity, fold, data_dir):
-    return open_source(cfg, intensity="uint8", fold=fold, data_dir=data_dir)
+  def patched(cfg, *, intensity, fold, data_dir, reference=None):
+    return open_source(cfg, intensity="uint8", fold=fold, data_dir=data_dir, reference=reference)
   return patched
+
+
+# ----------------------------------------------------------------------------- grey levels
+
+def test_grey_level_table_by_hand():
+  ref = np.zeros(256)
+  ref[:] = 1                                   # uniform on 0..255
+  src = np.zeros(256)
+  src[:128] = 5                                # uniform on 0..127: every level doubles
+  table = intensity_match.lut(src, ref)
+  np.testing.assert_array_equal(table[:128], 2 * np.arange(128))
+  assert (table[128:] == 255).all()            # unused levels follow their neighbours
+  # Two occupied reference levels 40 and 200, a source on 10 and 20 (shares 1/4, 3/4 of
+  # each): both land between them, in order, by linear interpolation of the mid shares.
+  ref2, src2 = np.zeros(256), np.zeros(256)
+  ref2[40], ref2[200] = 1, 1
+  src2[10], src2[20] = 1, 1
+  table2 = intensity_match.lut(src2, ref2)
+  assert (table2[10], table2[20]) == (40, 200)
+  same = np.random.default_rng(0).integers(1, 50, 256).astype(float)
+  np.testing.assert_array_equal(intensity_match.lut(same, same), np.arange(256))
+  rnd = np.random.default_rng(1)
+  for _ in range(5):
+    t_ = intensity_match.lut(rnd.integers(0, 9, 256), rnd.integers(0, 9, 256) + 1)
+    assert (np.diff(t_.astype(int)) >= 0).all()          # monotone: order is kept
+  with pytest.raises(intensity_match.IntensityMatchError, match="not all zero"):
+    intensity_match.lut(np.zeros(256), ref)
+
+
+def test_dark_unlabelled_scans_are_matched_to_the_fold_s_labelled_slices(tmp_path):
+  """A wide-window scan (grey levels 0..63) meets labelled slices of 128..255: matched,
+  its slots' histogram is the training slices'; the validation slices' take no part."""
+  rng = np.random.default_rng(0)
+  lab = tmp_path / "lab"
+  (lab / "Imgs").mkdir(parents=True)
+  (lab / "GT").mkdir()
+  for k in range(6):   # slices 0-5; with 3 folds, fold 0 validates two of them
+    lo = 128 if k % 2 else 140
+    Image.fromarray(rng.integers(lo, 256, (24, 24), dtype=np.uint8)).save(lab / "Imgs" / f"{k}.png")
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(lab / "GT" / f"{k}.png")
+  unl = tmp_path / "unl"
+  (unl / "Imgs").mkdir(parents=True)
+  dark = {f"dark_{k}": rng.integers(0, 64, (20, 28), dtype=np.uint8) for k in range(3)}
+  for n, im in dark.items():
+    Image.fromarray(im).save(unl / "Imgs" / f"{n}.png")
+  data_dir = str(tmp_path / "tfds")
+  build.build("covid_semiseg", data_dir, str(lab))
+  build.build("unlabelled_slices", data_dir, str(unl))
+  c = default.get_config()
+  c.data.name, c.data.data_dir, c.data.num_folds, c.data.fold = "covid_semiseg", data_dir, 3, 0
+  c.unlabelled.name, c.unlabelled.soft_labels = "unlabelled_slices", str(
+      _maps(tmp_path / "m", [(n, (20, 28)) for n in dark]))
+  labelled = datasets.open_source("covid_semiseg", data_dir)
+  reference = intensity_match.fold_reference(labelled, 0, 3, 0)
+  train_ids, val_ids = __import__("scoat_jax.data.folds", fromlist=["x"]).split_cases(
+      labelled.case_ids(), 0, 3, 0)
+  assert reference.sum() == len(train_ids) * 24 * 24 and val_ids
+  c.unlabelled.match_intensity = True
+  src = unlabelled.open_source(c.unlabelled, intensity="uint8", fold=0, data_dir=data_dir,
+                               reference=lambda: reference)
+  ds = src.dataset
+  matched = np.concatenate([src.luts[r][ds.source[r]["image"]].ravel() for r in src.records])
+  assert matched.min() >= 128 and abs(matched.mean() - (reference * np.arange(256)).sum()
+                                      / reference.sum()) < 2
+  # Off: the slices are read as stored; HU data is refused, as is a caller with no reference.
+  c.unlabelled.match_intensity = False
+  assert unlabelled.open_source(c.unlabelled, intensity="uint8", fold=0, data_dir=data_dir).luts is None
+  c.unlabelled.match_intensity = True
+  with pytest.raises(unlabelled.UnlabelledError, match="needs the labelled training"):
+    unlabelled.open_source(c.unlabelled, intensity="uint8", fold=0, data_dir=data_dir)
+  # Soft labels a teacher wrote from unmatched slices do not train a matched student.
+  soft_labels.write_manifest(c.unlabelled.soft_labels, {"match_intensity": False})
+  with pytest.raises(unlabelled.UnlabelledError, match="labelled from unmatched grey levels"):
+    unlabelled.open_source(c.unlabelled, intensity="uint8", fold=0, data_dir=data_dir,
+                           reference=lambda: reference)
+  soft_labels.write_manifest(c.unlabelled.soft_labels, {"match_intensity": True})
+  # Through the pipeline: every unlabelled slot's image comes from the matched table.
+  c.data.image_size, c.data.worker_count, c.data.augment = 32, 0, False
+  batch = next(ip.train_batches(c.data, global_batch_size=4, seed=0, unlabelled_cfg=c.unlabelled))
+  slots = unlabelled.pseudo_slots(4, 0.5)
+  body = batch["image"][slots][:, 6:26, 2:30, 0]    # inside the letterbox of a 20 x 28 slice
+  assert body.min() > 0.4                          # /255: the dark scan is bright now
 
 
 def test_a_teacher_of_another_fold_is_refused(slices_data, tiny_data_dir, tmp_path):
@@ -232,6 +314,9 @@ def test_pseudo_label_then_train_a_student(trained_workdir, tiny_data_dir, tmp_p
   assert json.loads((out / "soft_labels.json").read_text())["slices"][names[0]]["confidence"] >= 0
   with pytest.raises(ValueError, match="exists; pass --overwrite"):
     pseudo_label.label([str(trained_workdir)], "unlabelled_volumes", data_dir, str(out))
+  with pytest.raises(ValueError, match="on one scale already"):
+    pseudo_label.label([str(trained_workdir)], "unlabelled_volumes", data_dir,
+                       str(tmp_path / "x"), match_intensity=True)
   with pytest.raises(ValueError, match="is a labelled dataset"):
     pseudo_label.label([str(trained_workdir)], "ct_phantom/small", tiny_data_dir,
                        str(tmp_path / "x"))

@@ -24,7 +24,9 @@ ADDED_IN_VERSION_3 = {
     ("data", "gamma_range"): [1.0, 1.0],
     ("predict_threshold",): None,
     ("unlabelled",): {"name": "", "data_dir": "", "soft_labels": "", "ratio": 0.5, "weight": 1.0,
-                      "min_confidence": 0.0, "hard": False, "slices": "all"},
+                      "min_confidence": 0.0, "hard": False, "slices": "all",
+                      "match_intensity": False},
+    ("unlabelled", "match_intensity"): False,
 }
 
 

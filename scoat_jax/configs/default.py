@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.unlabelled.min_confidence = 0.0   # pixels with |2p - 1| below it carry no loss
   c.unlabelled.hard = False           # targets p > 0.5 instead of p
   c.unlabelled.slices = "all"         # all | lung
+  c.unlabelled.match_intensity = False  # 8-bit: each scan's grey levels onto the labelled ones
 
   # Evaluation, logging, checkpoints.
   c.eval_batch_size = 8

@@ -56,6 +56,7 @@ from scoat_jax.data import folds, preprocess
 from scoat_jax.data import intensity as intensity_lib
 from scoat_jax import datasets
 from scoat_jax.datasets import base as ds_base
+from scoat_jax.datasets import intensity_match
 from scoat_jax.training import unlabelled
 
 _SPLITS = ("train", "validation", "all")
@@ -396,12 +397,14 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
   reader = _SliceReader(data_cfg, ds, augment=bool(data_cfg.get("augment", False)))
   local = global_batch_size // pc
   source = pseudo = None
+  train_records = _train_records(data_cfg, ds)
   if unlabelled.enabled(unlabelled_cfg):
     source = unlabelled.open_source(unlabelled_cfg, intensity=ds.intensity,
                                     fold=folds.parse_fold(data_cfg.fold, data_cfg.num_folds),
-                                    data_dir=str(data_cfg.get("data_dir", "") or ""))
+                                    data_dir=str(data_cfg.get("data_dir", "") or ""),
+                                    reference=lambda: intensity_match.histogram(ds, train_records))
     pseudo = unlabelled.pseudo_slots(global_batch_size, float(unlabelled_cfg.ratio))
-  fn = _TrainBatch(reader, _train_records(data_cfg, ds), int(seed), global_batch_size,
+  fn = _TrainBatch(reader, train_records, int(seed), global_batch_size,
                    pi * local, local, source, pseudo)
   steps = grain.MapDataset.range(int(start_step), int(start_step) + _MAX_STEPS)
   return _iterate(steps.map(fn), data_cfg)

@@ -17,6 +17,10 @@ Config fields read from `config.unlabelled` (an ml_collections.ConfigDict):
   hard          targets p > 0.5 instead of the probabilities.
   slices        'all' | 'lung': which unlabelled slices (lung: those showing lung,
                 for datasets with lung masks).
+  match_intensity  8-bit slices: map every unlabelled scan's grey levels onto the
+                histogram of this run's labelled training slices
+                (`scoat_jax.datasets.intensity_match`); label them with
+                `pseudo_label --match_intensity` so the teacher saw the same.
 
 Slots. Slot j of a global batch of G is unlabelled when floor((j + 1) u / G) >
 floor(j u / G), u = round(ratio G): the same slots at every step. Labelled
@@ -41,6 +45,7 @@ import numpy as np
 
 from scoat_jax.data import preprocess, soft_labels
 from scoat_jax.datasets import base as ds_base
+from scoat_jax.datasets import intensity_match
 
 
 class UnlabelledError(ValueError):
@@ -76,9 +81,11 @@ class Source:
   weight: float
   min_confidence: float
   hard: bool
+  luts: np.ndarray | None = None   # (num_records of dataset, 256) uint8 grey-level tables
 
 
-def open_source(cfg, *, intensity: str, fold, data_dir: str = "") -> Source:
+def open_source(cfg, *, intensity: str, fold, data_dir: str = "",
+                reference=None) -> Source:
   """Opens and checks `config.unlabelled`: dataset built, maps complete, teacher's fold.
 
   Args:
@@ -87,6 +94,8 @@ def open_source(cfg, *, intensity: str, fold, data_dir: str = "") -> Source:
     fold: the labelled run's fold (an int, -1 for all): a teacher of another
       fold would leak that fold's validation cases into training.
     data_dir: the labelled dataset's data_dir, used when cfg.data_dir is ''.
+    reference: with cfg.match_intensity, a callable returning the (256,)
+      histogram of the run's labelled training slices.
 
   Raises:
     UnlabelledError, DatasetError, SoftLabelError: with the field and the fix.
@@ -132,8 +141,25 @@ def open_source(cfg, *, intensity: str, fold, data_dir: str = "") -> Source:
     raise UnlabelledError(f"config.unlabelled.weight={weight} must be >= 0")
   if not 0.0 <= min_conf < 1.0:
     raise UnlabelledError(f"config.unlabelled.min_confidence={min_conf} must be in [0, 1)")
+  match = bool(cfg.get("match_intensity", False))
+  if "match_intensity" in manifest and bool(manifest["match_intensity"]) != match:
+    raise UnlabelledError(
+        f"config.unlabelled.soft_labels={folder} was labelled from "
+        f"{'matched' if manifest['match_intensity'] else 'unmatched'} grey levels but "
+        f"config.unlabelled.match_intensity={match}; set it to {not match} so the student sees "
+        "the slices its teacher labelled")
+  luts = None
+  if match:
+    if ds.intensity != "uint8":
+      raise UnlabelledError(f"config.unlabelled.match_intensity=True but {name} holds "
+                            f"{ds.intensity} slices, which are on one scale already; set it False")
+    if reference is None:
+      raise UnlabelledError("config.unlabelled.match_intensity=True needs the labelled training "
+                            "slices' histogram; this caller gives none")
+    luts = intensity_match.record_luts(ds, reference())
   return Source(dataset=ds, records=np.asarray(records, np.int64), names=names, folder=folder,
-                weight=weight, min_confidence=min_conf, hard=bool(cfg.get("hard", False)))
+                weight=weight, min_confidence=min_conf, hard=bool(cfg.get("hard", False)),
+                luts=luts)
 
 
 def read(reader, source: Source, index: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +167,9 @@ def read(reader, source: Source, index: int, rng) -> tuple[np.ndarray, np.ndarra
   record = int(source.records[index])
   ex = source.dataset.source[record]
   soft = soft_labels.read(source.folder, source.names[index])
+  image = ex["image"] if source.luts is None else source.luts[record][ex["image"]]
   image, _, warped = preprocess.prepare_slice(
-      ex["image"], ex["mask"], source=source.dataset.intensity, window=reader.window,
+      image, ex["mask"], source=source.dataset.intensity, window=reader.window,
       size=reader.size, num_classes=reader.num_classes, rng=rng if reader.augment else None,
       aug=reader.aug, uint8_mode=reader.uint8_mode, soft=soft)
   return image, warped
