@@ -15,7 +15,7 @@ synthetic phantom where every scan's truth is known:
 Both are scored at their last step by validation DSC on the 2 held-out scans,
 per seed; the table is the teacher (labelled only) against the student.
 
-    python benchmarks/semi_phantom.py --root=/tmp/semi_phantom --seeds=0,1,2
+    python benchmarks/semi_phantom.py --root=runs/semi_phantom --seeds=0,1,2
 """
 from __future__ import annotations
 
