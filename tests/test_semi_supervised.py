@@ -252,6 +252,10 @@ def test_dark_unlabelled_scans_are_matched_to_the_fold_s_labelled_slices(tmp_pat
   train_ids, val_ids = __import__("scoat_jax.data.folds", fromlist=["x"]).split_cases(
       labelled.case_ids(), 0, 3, 0)
   assert reference.sum() == len(train_ids) * 24 * 24 and val_ids
+  # The teacher's reference (pseudo_label) is the student's (training's own records).
+  np.testing.assert_array_equal(
+      reference, intensity_match.histogram(labelled, ip._train_records(c.data, labelled)))
+  assert intensity_match.fold_reference(labelled, 0, 3, 0, "opacity").sum() == 0  # GT empty
   c.unlabelled.match_intensity = True
   src = unlabelled.open_source(c.unlabelled, intensity="uint8", fold=0, data_dir=data_dir,
                                reference=lambda: reference)

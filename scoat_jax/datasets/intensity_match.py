@@ -8,7 +8,7 @@ mean grey level of about 58 against the labelled 137. A teacher trained on the
 labelled slices meets those scans as a new domain, and a student trained on
 them learns two.
 
-`scan_luts` gives every unlabelled scan one monotone look-up table (256 -> 256
+`record_luts` gives every unlabelled scan one monotone look-up table (256 -> 256
 grey levels) that maps the scan's pooled histogram onto a reference histogram,
 by quantiles: level v goes to the reference level whose cumulative share
 equals v's (taken at the middle of v's own bin, and interpolated between the
@@ -69,24 +69,25 @@ def lut(source_hist: np.ndarray, reference_hist: np.ndarray) -> np.ndarray:
   return np.clip(np.rint(out), 0, LEVELS - 1).astype(np.uint8)
 
 
-def fold_reference(ds: base.SliceDataset, fold, num_folds: int, fold_seed: int) -> np.ndarray:
-  """Pooled histogram of one fold's training slices of the labelled dataset `ds`."""
+def fold_reference(ds: base.SliceDataset, fold, num_folds: int, fold_seed: int,
+                   slices: str = "all") -> np.ndarray:
+  """Pooled histogram of one fold's training slices of the labelled dataset `ds`.
+
+  The slices are those the fold trains on: its training cases (the split of
+  `data/folds.py`, as training draws it) and, of those, the ones the
+  `data.slices` filter keeps (`base.keep_slice`).
+  """
   train_ids, _ = folds.split_cases(ds.case_ids(), fold, int(num_folds), int(fold_seed))
   keep = set(train_ids)
-  records = [s.start + k for s in ds.scans if s.case_id in keep for k in range(s.count)]
+  records = [s.start + k for s in ds.scans if s.case_id in keep for k in range(s.count)
+             if base.keep_slice(slices, int(s.flags[k]))]
   return histogram(ds, records)
 
 
-def scan_luts(ds: base.SliceDataset, reference_hist: np.ndarray) -> dict[str, np.ndarray]:
-  """scan_id -> (256,) uint8 table of every scan of the 8-bit dataset `ds`."""
-  return {s.scan_id: lut(histogram(ds, range(s.start, s.start + s.count)), reference_hist)
-          for s in ds.scans}
-
-
 def record_luts(ds: base.SliceDataset, reference_hist: np.ndarray) -> np.ndarray:
-  """(num_records, 256) uint8: the table of each record's scan, in record order."""
-  tables = scan_luts(ds, reference_hist)
+  """(num_records, 256) uint8: each record's scan's table onto `reference_hist`, in record order."""
   out = np.empty((ds.num_records, LEVELS), np.uint8)
   for s in ds.scans:
-    out[s.start:s.start + s.count] = tables[s.scan_id]
+    out[s.start:s.start + s.count] = lut(histogram(ds, range(s.start, s.start + s.count)),
+                                         reference_hist)
   return out

@@ -102,5 +102,6 @@ def _teacher_luts(models, ds: ds_base.SliceDataset) -> np.ndarray:
                        f"slices it trained on: {e}") from None
     reference += intensity_match.fold_reference(labelled, data.get("fold", -1),
                                                 int(data.get("num_folds", 5)),
-                                                int(data.get("fold_seed", 0)))
+                                                int(data.get("fold_seed", 0)),
+                                                str(data.get("slices", "all") or "all"))
   return intensity_match.record_luts(ds, reference)
