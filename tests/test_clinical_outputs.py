@@ -1,7 +1,6 @@
 """What predict hands a hospital: DICOM SEG, key images, the cohort table, an external lung
 mask, and no network pass on slices beyond the lungs."""
 import csv
-import json
 
 import numpy as np
 import pydicom

@@ -1,6 +1,5 @@
 """The lung rule (inference.lung_rule): opacity is kept within its margin of the lung mask."""
 import json
-import types
 
 import numpy as np
 import pytest

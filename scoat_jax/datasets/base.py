@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from scoat_jax.data import export_window
+from scoat_jax.data import export_window, folds
 
 INDEX_VERSION = 1
 FLAG_LUNG = 1
@@ -246,6 +246,24 @@ class SliceDataset:
   def case_ids(self) -> list[str]:
     """Sorted unique case ids (patients, or files where no patient is known)."""
     return sorted({s.case_id for s in self.scans})
+
+  def fold_scans(self, split: str, fold, num_folds: int, fold_seed: int) -> list[ScanEntry]:
+    """The scans of one side of a fold ('train' | 'val'; 'all': every scan).
+
+    Cases are split by `data/folds.py`, so a patient's scans stay on one side.
+    """
+    if split == "all":
+      return list(self.scans)
+    train_ids, val_ids = folds.split_cases(self.case_ids(), fold, int(num_folds), int(fold_seed))
+    keep = set(train_ids if split == "train" else val_ids)
+    return [s for s in self.scans if s.case_id in keep]
+
+  def fold_records(self, fold, num_folds: int, fold_seed: int, slices: str = "all") -> np.ndarray:
+    """Record indices (int64, in index order) of the slices a fold trains on: those of its
+    training scans that the `slices` filter keeps (`keep_slice`)."""
+    records = [s.start + np.flatnonzero([keep_slice(slices, int(f)) for f in s.flags])
+               for s in self.fold_scans("train", fold, num_folds, fold_seed)]
+    return np.concatenate(records).astype(np.int64) if records else np.zeros(0, np.int64)
 
   @property
   def source(self):

@@ -28,7 +28,6 @@ from typing import Iterable
 
 import numpy as np
 
-from scoat_jax.data import folds
 from scoat_jax.datasets import base
 
 LEVELS = 256
@@ -77,11 +76,7 @@ def fold_reference(ds: base.SliceDataset, fold, num_folds: int, fold_seed: int,
   `data/folds.py`, as training draws it) and, of those, the ones the
   `data.slices` filter keeps (`base.keep_slice`).
   """
-  train_ids, _ = folds.split_cases(ds.case_ids(), fold, int(num_folds), int(fold_seed))
-  keep = set(train_ids)
-  records = [s.start + k for s in ds.scans if s.case_id in keep for k in range(s.count)
-             if base.keep_slice(slices, int(s.flags[k]))]
-  return histogram(ds, records)
+  return histogram(ds, ds.fold_records(fold, num_folds, fold_seed, slices))
 
 
 def record_luts(ds: base.SliceDataset, reference_hist: np.ndarray) -> np.ndarray:

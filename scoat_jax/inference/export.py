@@ -25,8 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from scoat_jax.checkpoints import CheckpointError
-from scoat_jax.data import folds, orientation
+from scoat_jax.data import orientation
 from scoat_jax.data.geometry import Geometry
 from scoat_jax.data.readers import Loaded
 from scoat_jax.inference import bundle, postprocessing, scan
@@ -78,9 +77,7 @@ def validation_scans(m: LoadedModel, *, data_dir: str | None = None):
     raise ExportError(f"{m.step_dir}: its dataset is needed to choose post-processing on the "
                       f"fold's validation cases ({str(e).splitlines()[0]}); or pass "
                       "--postprocessing=none.") from None
-  _, val_ids = folds.split_cases(ds.case_ids(), fold, int(data.num_folds), int(data.fold_seed))
-  keep = set(val_ids)
-  return ds, [s for s in ds.scans if s.case_id in keep]
+  return ds, ds.fold_scans("val", fold, int(data.num_folds), int(data.fold_seed))
 
 
 def validation_cases(m: LoadedModel, *, data_dir: str | None = None,

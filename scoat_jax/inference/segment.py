@@ -36,7 +36,6 @@ input prints one line `error: ...` on stderr and exits with status 2.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import sys
 import time
@@ -48,7 +47,7 @@ from scoat_jax.data import readers, writers
 from scoat_jax.data.readers import Item
 from scoat_jax.common import signals
 from scoat_jax.inference import cohort_table, output_folder, postprocessing, scan
-from scoat_jax.inference.output_folder import PredictError, earlier_results  # noqa: F401
+from scoat_jax.inference.output_folder import PredictError
 
 OUTPUT_FORMATS = ("nifti", "dicom_seg", "both")
 

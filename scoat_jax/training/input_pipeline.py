@@ -124,13 +124,8 @@ def export_window(data_cfg) -> dict | None:
 def _split_scans(data_cfg, ds: ds_base.SliceDataset, split: str) -> list[ds_base.ScanEntry]:
   if split not in _SPLITS:
     raise PipelineError(f"split={split!r} is unknown; choose one of {_SPLITS}")
-  if split == "all":
-    return list(ds.scans)
-  train_ids, val_ids = folds.split_cases(
-      ds.case_ids(), _field(data_cfg, "fold"), int(_field(data_cfg, "num_folds")),
-      int(_field(data_cfg, "fold_seed")))
-  keep = set(train_ids if split == "train" else val_ids)
-  return [s for s in ds.scans if s.case_id in keep]
+  return ds.fold_scans(split, _field(data_cfg, "fold"), int(_field(data_cfg, "num_folds")),
+                       int(_field(data_cfg, "fold_seed")))
 
 
 def _train_records(data_cfg, ds: ds_base.SliceDataset) -> np.ndarray:
@@ -140,11 +135,8 @@ def _train_records(data_cfg, ds: ds_base.SliceDataset) -> np.ndarray:
   if slices == "lung" and not ds.has_lung:
     raise PipelineError(f"config.data.slices='lung' but {ds.name} has no lung masks; "
                         "use 'all' or 'opacity'")
-  records = []
-  for s in _split_scans(data_cfg, ds, "train"):
-    keep = [ds_base.keep_slice(slices, int(f)) for f in s.flags]
-    records.append(s.start + np.flatnonzero(keep))
-  out = np.concatenate(records).astype(np.int64) if records else np.zeros(0, np.int64)
+  out = ds.fold_records(_field(data_cfg, "fold"), int(_field(data_cfg, "num_folds")),
+                        int(_field(data_cfg, "fold_seed")), slices)
   if out.size == 0:
     raise PipelineError(f"fold {data_cfg.get('fold')} of {ds.name} has no training slice "
                         f"(slices={slices!r}); pick another fold or slices filter")
