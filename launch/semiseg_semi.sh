@@ -14,11 +14,16 @@
 #   2. soft labels of the unlabelled slices: InfNet-pseudo/ when UNLABELLED has it
 #      (and --self_training is not given), else a teacher trained on the labelled
 #      slices (launch/semiseg_all.cfg's recipe) labels them (python -m scoat_jax.pseudo_label);
-#   3. the student trains on both (launch/semiseg_semi.cfg); with --rounds=N > 1
-#      each student labels the slices for the next one (self-training rounds).
+#   3. the student: with --method=pretrain (the default, Semi-Inf-Net's protocol)
+#      it trains on the soft labels alone (launch/semiseg_pretrain.cfg), then
+#      fine-tunes from that on the labelled slices (launch/semiseg_all.cfg with
+#      --config.init_from); with --method=mix it trains on both at once, half of
+#      every batch unlabelled (launch/semiseg_semi.cfg). With --rounds=N > 1 each
+#      student labels the slices for the next one (self-training rounds).
 #
 # Options:
 #   --self_training  ignore InfNet-pseudo/ and use own teachers
+#   --method=M       pretrain (default) or mix: how the student uses the soft labels
 #   --rounds=N       students trained in sequence (default 1)
 #   --fold=K         cross-validation: teacher and students train on fold K's
 #                    training slices only and are scored on its validation slices
@@ -30,14 +35,15 @@
 # Timing (benchmarks/README.md): about 50 minutes on a 2-core CPU with InfNet-pseudo/.
 set -euo pipefail
 
-usage() { echo "usage: bash $0 LABELLED UNLABELLED WORKDIR [--self_training] [--rounds=N] [--fold=K] [--gpu] [--classes=3] [--dry_run] [--config.FIELD=VALUE ...]" >&2; exit 2; }
+usage() { echo "usage: bash $0 LABELLED UNLABELLED WORKDIR [--self_training] [--method=pretrain|mix] [--rounds=N] [--fold=K] [--gpu] [--classes=3] [--dry_run] [--config.FIELD=VALUE ...]" >&2; exit 2; }
 [[ $# -ge 3 ]] || usage
 LABELLED=$1 UNLABELLED=$2 WORKDIR=$3
 shift 3
-SELF=0 ROUNDS=1 FOLD=all GPU=0 CLASSES=1 DRY=0 EXTRA=()
+SELF=0 METHOD=pretrain ROUNDS=1 FOLD=all GPU=0 CLASSES=1 DRY=0 EXTRA=()
 for arg in "$@"; do
   case $arg in
     --self_training) SELF=1 ;;
+    --method=*) METHOD=${arg#*=} ;;
     --rounds=*) ROUNDS=${arg#*=} ;;
     --fold=*) FOLD=${arg#*=} ;;
     --gpu) GPU=1 ;;
@@ -47,6 +53,7 @@ for arg in "$@"; do
     *) echo "error: unknown option $arg; see the options at the top of $0" >&2; exit 2 ;;
   esac
 done
+[[ $METHOD == pretrain || $METHOD == mix ]] || { echo "error: --method=$METHOD must be pretrain or mix" >&2; exit 2; }
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "error: --rounds=$ROUNDS must be a positive integer" >&2; exit 2; }
 [[ $FOLD == all || $FOLD =~ ^[0-9]+$ ]] || { echo "error: --fold=$FOLD must be all or a fold number" >&2; exit 2; }
 [[ $CLASSES == 1 || $CLASSES == 3 ]] || { echo "error: --classes=$CLASSES must be 1 or 3" >&2; exit 2; }
@@ -60,6 +67,7 @@ DATA=$WORKDIR/data
 SUFFIX=$([[ $GPU == 1 ]] && echo _gpu || true)
 TEACHER_CFG=$HERE/semiseg_all$SUFFIX.cfg
 STUDENT_CFG=$HERE/semiseg_semi$SUFFIX.cfg
+PRETRAIN_CFG=$HERE/semiseg_pretrain$SUFFIX.cfg
 COMMON=(--config.data.data_dir="$DATA" --config.data.fold="$FOLD")
 if [[ $CLASSES == 3 ]]; then
   COMMON+=(--config.num_classes=3 --config.loss=ce_dice --config.loss_kwargs.alpha=1.0)
@@ -98,8 +106,15 @@ fi
 
 for ((r = 1; r <= ROUNDS; r++)); do
   STUDENT=$WORKDIR/student_round$r
-  stage "3/3 student $r/$ROUNDS with $SOFT"
-  train "$STUDENT_CFG" "$STUDENT" --config.unlabelled.soft_labels="$SOFT"
+  if [[ $METHOD == mix ]]; then
+    stage "3/3 student $r/$ROUNDS on the labelled slices and $SOFT"
+    train "$STUDENT_CFG" "$STUDENT" --config.unlabelled.soft_labels="$SOFT"
+  else
+    stage "3/3 student $r/$ROUNDS: pre-training on $SOFT alone"
+    train "$PRETRAIN_CFG" "$WORKDIR/pretrain_round$r" --config.unlabelled.soft_labels="$SOFT"
+    stage "3/3 student $r/$ROUNDS: fine-tuning on the labelled slices"
+    train "$TEACHER_CFG" "$STUDENT" --config.init_from="$WORKDIR/pretrain_round$r"
+  fi
   if (( r < ROUNDS )); then
     SOFT=$WORKDIR/soft_round$((r + 1))
     label "$STUDENT" "$SOFT"

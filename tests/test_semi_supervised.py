@@ -252,6 +252,11 @@ def test_dark_unlabelled_scans_are_matched_to_the_fold_s_labelled_slices(tmp_pat
   train_ids, val_ids = __import__("scoat_jax.data.folds", fromlist=["x"]).split_cases(
       labelled.case_ids(), 0, 3, 0)
   assert reference.sum() == len(train_ids) * 24 * 24 and val_ids
+  by_hand = sum(np.bincount(np.asarray(Image.open(lab / "Imgs" / f"{i}.png")).ravel(), minlength=256)
+                for i in train_ids)
+  np.testing.assert_array_equal(reference, by_hand)
+  scans = {split: {s.case_id for s in labelled.fold_scans(split, 0, 3, 0)} for split in ("train", "val")}
+  assert scans == {"train": set(train_ids), "val": set(val_ids)}
   # The teacher's reference (pseudo_label) is the student's (training's own records).
   np.testing.assert_array_equal(
       reference, intensity_match.histogram(labelled, ip._train_records(c.data, labelled)))
@@ -373,14 +378,27 @@ def _commands(proc):
   return [l[2:] for l in proc.stderr.splitlines() if l.startswith("+ ")]
 
 
-def test_launch_script_uses_infnet_maps_when_given(tmp_path):
+def test_launch_script_pretrains_on_infnet_maps_then_fine_tunes(tmp_path):
   proc = _dry(tmp_path)
   assert proc.returncode == 0, proc.stderr
   cmds = _commands(proc)
-  assert len(cmds) == 3 and "pseudo_label" not in " ".join(cmds)
+  work, maps = tmp_path / "work", tmp_path / "unl" / "InfNet-pseudo"
+  assert len(cmds) == 4 and "pseudo_label" not in " ".join(cmds)
+  assert "semiseg_pretrain.cfg" in cmds[2] and f"--config.unlabelled.soft_labels={maps}" in cmds[2]
+  assert cmds[2].endswith(f"--workdir={work / 'pretrain_round1'}")
+  assert "semiseg_all.cfg" in cmds[3] and "unlabelled" not in cmds[3]
+  assert f"--config.init_from={work / 'pretrain_round1'}" in cmds[3]
+  assert proc.stdout.strip().splitlines()[-1] == str(work / "student_round1")
+  assert not work.exists()
+
+
+def test_launch_script_mixes_batches_with_method_mix(tmp_path):
+  proc = _dry(tmp_path, "--method=mix")
+  assert proc.returncode == 0, proc.stderr
+  cmds = _commands(proc)
+  assert len(cmds) == 3 and "semiseg_semi.cfg" in cmds[2]
   assert "--config.unlabelled.soft_labels=" + str(tmp_path / "unl" / "InfNet-pseudo") in cmds[2]
   assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "work" / "student_round1")
-  assert not (tmp_path / "work").exists()
 
 
 def test_launch_script_self_training_rounds_gpu_and_three_classes(tmp_path):
@@ -388,23 +406,26 @@ def test_launch_script_self_training_rounds_gpu_and_three_classes(tmp_path):
               unlabelled_has_maps=False)
   assert proc.returncode == 0, proc.stderr
   cmds = _commands(proc)
-  kinds = [("semiseg_all_gpu.cfg" in c, "pseudo_label" in c, "semiseg_semi_gpu.cfg" in c)
-           for c in cmds[2:]]
-  assert kinds == [(True, False, False), (False, True, False), (False, False, True),
-                   (False, True, False), (False, False, True)]
+  kinds = [next((k for k in ("semiseg_all_gpu.cfg", "pseudo_label", "semiseg_pretrain_gpu.cfg")
+                 if k in c), c) for c in cmds[2:]]
+  assert kinds == ["semiseg_all_gpu.cfg", "pseudo_label", "semiseg_pretrain_gpu.cfg",
+                   "semiseg_all_gpu.cfg", "pseudo_label", "semiseg_pretrain_gpu.cfg",
+                   "semiseg_all_gpu.cfg"]
   assert all("--config.data.fold=3" in c and "--config.num_classes=3" in c
              for c in cmds[2:] if "scoat_jax.main" in c)
-  assert "--teacher=" + str(tmp_path / "work" / "student_round1") in cmds[5]
+  assert "--teacher=" + str(tmp_path / "work" / "student_round1") in cmds[6]
 
 
 @pytest.mark.parametrize("args,expected", [(("--rounds=0",), "--rounds=0"),
+                                           (("--method=meanteacher",), "--method=meanteacher"),
                                            (("--nope",), "unknown option --nope")])
 def test_launch_script_refuses_bad_options(tmp_path, args, expected):
   proc = _dry(tmp_path, *args)
   assert proc.returncode == 2 and proc.stderr.startswith("error: ") and expected in proc.stderr
 
 
-@pytest.mark.parametrize("flagfile", ["semiseg_semi.cfg", "semiseg_semi_gpu.cfg"])
+@pytest.mark.parametrize("flagfile", ["semiseg_semi.cfg", "semiseg_semi_gpu.cfg",
+                                      "semiseg_pretrain.cfg", "semiseg_pretrain_gpu.cfg"])
 def test_semi_flagfiles_parse_and_ask_for_the_dataset(tmp_path, flagfile):
   proc = subprocess.run(
       [sys.executable, "-m", "scoat_jax.main", f"--flagfile=launch/{flagfile}",
