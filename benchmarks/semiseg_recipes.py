@@ -38,7 +38,9 @@ scoat_jax.pseudo_label`, so its teacher saw the fold's training slices only.
 `onehead_infnet_matched` and `onehead_self_matched` first map every unlabelled
 scan's grey levels onto the fold's labelled training slices
 (`config.unlabelled.match_intensity`; the own teacher labels the matched slices,
-`pseudo_label --match_intensity`).
+`pseudo_label --match_intensity`). `onehead_self_pretrain` -> `onehead_self_finetune`
+is Semi-Inf-Net's protocol with the fold's own matched teacher; `onehead_200` is
+`onehead` at the protocol's total steps (200).
 
     python benchmarks/semiseg_recipes.py --root=runs/search --folds=0-4 \
         --variants=onehead,onehead_infnet,onehead_self --paired=onehead \
@@ -84,6 +86,7 @@ VARIANTS["onehead_3class"] = ONE_HEAD + VARIANTS["3class"]  # the chosen recipe,
 VARIANTS["onehead_long"] = ONE_HEAD + [                     # 3x the steps, 0.01 for 120 of them
     "--config.num_epochs=30", "--config.decay_every_epochs=12", "--config.restart_epoch=0",
     "--config.eval_every_epochs=30"]
+VARIANTS["onehead_200"] = ONE_HEAD + VARIANTS["epochs20"]   # 2x the steps: Semi-Inf-Net's protocol's
 # Semi-supervised: half of every batch unlabelled slices with soft labels (config.unlabelled).
 SEMI = ONE_HEAD + ["--config.unlabelled.name=unlabelled_slices", "--config.unlabelled.ratio=0.5"]
 VARIANTS["onehead_infnet"] = SEMI       # + Semi-Inf-Net's maps (--soft_labels)
@@ -104,11 +107,16 @@ VARIANTS["onehead_infnet_finetune"] = ONE_HEAD
 MATCH = ["--config.unlabelled.match_intensity=True"]
 VARIANTS["onehead_infnet_matched"] = SEMI + MATCH
 VARIANTS["onehead_self_matched"] = SEMI + MATCH
-INIT_FROM = {"onehead_infnet_finetune": "onehead_infnet_pretrain"}   # variant: trained first
+# The same protocol with the fold's own onehead model as the teacher (leak-free in CV),
+# labelling the matched slices.
+VARIANTS["onehead_self_pretrain"] = VARIANTS["onehead_infnet_pretrain"] + MATCH
+VARIANTS["onehead_self_finetune"] = ONE_HEAD
+INIT_FROM = {"onehead_infnet_finetune": "onehead_infnet_pretrain",   # variant: trained first
+             "onehead_self_finetune": "onehead_self_pretrain"}
 SOFT_FROM = {"onehead_infnet": "--soft_labels", "onehead_infnet_pretrain": "--soft_labels", "onehead_self": "onehead",
              "onehead_infnet_long": "--soft_labels", "onehead_3class_infnet": "--soft_labels",
              "onehead_infnet_light_long": "--soft_labels", "onehead_infnet_matched": "--soft_labels",
-             "onehead_self_matched": "onehead"}
+             "onehead_self_matched": "onehead", "onehead_self_pretrain": "onehead"}
 INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4", "p0.3")
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 
