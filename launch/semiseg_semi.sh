@@ -32,7 +32,8 @@
 #   --dry_run        print the commands without running them
 # Further --config.* flags go to every training command.
 #
-# Timing (benchmarks/README.md): about 50 minutes on a 2-core CPU with InfNet-pseudo/.
+# Timing (benchmarks/README.md): 45 minutes on a 2-core CPU with InfNet-pseudo/ (default
+# --method=pretrain; --method=mix about 50).
 set -euo pipefail
 
 usage() { echo "usage: bash $0 LABELLED UNLABELLED WORKDIR [--self_training] [--method=pretrain|mix] [--rounds=N] [--fold=K] [--gpu] [--classes=3] [--dry_run] [--config.FIELD=VALUE ...]" >&2; exit 2; }
