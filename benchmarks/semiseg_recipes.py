@@ -159,8 +159,21 @@ def soft_labels(root: pathlib.Path, variant: str, fold: int, args) -> tuple[list
   return [f"--config.unlabelled.soft_labels={output}"], seconds
 
 
+def cpu_model() -> str:
+  """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'): XLA's CPU code, and so
+  a trained model's last digits, differ between CPUs even under the same versions."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.partition(":")[2].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def versions() -> str:
-  """'jax 0.10.2, jaxlib 0.10.2, flax ..., numpy ..., Pillow ...': what a trained number rests on."""
+  """'jax 0.10.2, jaxlib 0.10.2, flax ..., numpy ..., Pillow ..., CPU ...': what a trained
+  number rests on."""
   from importlib import metadata
   out = []
   for name in ("jax", "jaxlib", "flax", "optax", "numpy", "Pillow"):
@@ -168,7 +181,7 @@ def versions() -> str:
       out.append(f"{name} {metadata.version(name)}")
     except metadata.PackageNotFoundError:
       out.append(f"{name} -")
-  return ", ".join(out)
+  return ", ".join(out + [f"CPU {cpu_model()}"])
 
 
 def train(root: pathlib.Path, variant: str, fold: int, args) -> float:
@@ -367,8 +380,7 @@ def main(argv=None) -> int:
     for r in rows:
       print(json.dumps(r))
   else:
-    print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {versions()}; python benchmarks/semiseg_recipes.py "
+    print(f"{datetime.date.today()}, {os.cpu_count()} CPUs, {versions()}; python benchmarks/semiseg_recipes.py "
           + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
     print(markdown(rows))
   return 0
