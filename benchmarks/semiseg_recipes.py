@@ -54,7 +54,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -159,22 +158,11 @@ def soft_labels(root: pathlib.Path, variant: str, fold: int, args) -> tuple[list
   return [f"--config.unlabelled.soft_labels={output}"], seconds
 
 
-def cpu_model() -> str:
-  """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'): XLA's CPU code, and so
-  a trained model's last digits, differ between CPUs even under the same versions."""
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.partition(":")[2].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def versions() -> str:
   """'jax 0.10.2, jaxlib 0.10.2, flax ..., numpy ..., Pillow ..., CPU ...': what a trained
   number rests on."""
   from importlib import metadata
+  from scoat_jax.evaluation.model_cost import cpu_model
   out = []
   for name in ("jax", "jaxlib", "flax", "optax", "numpy", "Pillow"):
     try:

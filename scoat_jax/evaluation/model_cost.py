@@ -49,17 +49,21 @@ def _model(config: dict[str, Any]):
   return models.create_model(config)
 
 
+def cpu_model() -> str:
+  """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'), from /proc/cpuinfo where
+  there is one. XLA compiles its CPU code for the processor, so timings, and a trained
+  model's last digits, belong to it."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or "CPU"
+
+
 def machine() -> str:
   """A short description of where the timings were taken (backend, device, CPU count)."""
   device = jax.devices()[0]
-  kind = device.device_kind
-  if device.platform == "cpu":
-    kind = platform.processor() or "CPU"
-    try:
-      with open("/proc/cpuinfo", encoding="utf-8") as f:
-        kind = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-      pass
+  kind = cpu_model() if device.platform == "cpu" else device.device_kind
   return f"{device.platform}: {kind}, {os.cpu_count()} CPU cores"
 
 
