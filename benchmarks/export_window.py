@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -92,7 +91,8 @@ def main(argv=None) -> int:
         rows.append(row)
         if args.json:
           print(json.dumps(row), flush=True)
-  print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+  from scoat_jax.evaluation.model_cost import cpu_model  # the CPU's model name, not just 'x86_64'
+  print(f"{datetime.date.today()}, {cpu_model()}, "
         f"{os.cpu_count()} cores; `python benchmarks/export_window.py --checkpoint=... "
         f"--phantom={args.phantom}{' --real_ct=...' if args.real_ct else ''}`; windows: "
         f"fixed {windows['fixed']} HU, estimated {windows['estimated']} HU\n", file=out)

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import tensorflow_datasets as tfds
 from scoat_jax.training import input_pipeline
 from scoat_jax.configs import default
 from scoat_jax.datasets import build
+from scoat_jax.evaluation.model_cost import cpu_model
 
 
 def measure(data_cfg, *, batch_size: int, steps: int) -> dict:
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
           print(f"augment={str(augment):5s} workers={workers}: {r['slices_per_s']:7.1f} slices/s "
                 f"(first batch {r['first_batch_s']:.1f} s)", file=sys.stderr, flush=True)
   result = {"dataset": name, "image_size": args.image_size, "batch_size": args.batch_size,
-            "steps": args.steps, "cpus": os.cpu_count(), "machine": platform.processor() or
-            platform.machine(), "build_s": build_s, "rows": rows}
+            "steps": args.steps, "cpus": os.cpu_count(), "machine": cpu_model(),
+            "build_s": build_s, "rows": rows}
   if args.json:
     print(json.dumps(result, indent=1))
   else:

@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -119,7 +118,8 @@ def main(argv=None) -> int:
     print(f"error: python {' '.join(map(str, e.cmd[1:3]))} exited {e.returncode} (its messages "
           "are above); finished stages are kept: run again to go on", file=sys.stderr)
     return 1
-  print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+  from scoat_jax.evaluation.model_cost import cpu_model  # the CPU's model name, not just 'x86_64'
+  print(f"{datetime.date.today()}, {cpu_model()}, "
         f"{os.cpu_count()} CPUs; python benchmarks/semi_phantom.py "
         + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
   print("| seed | labelled only (2 scans): val DSC | + unlabelled scans: val DSC | Δ | "

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -141,7 +140,8 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]) if args.json else rows[-1], file=sys.stderr, flush=True)
   head = ["recipe", "model", "size", "run", "network_slices", "wall_s", "read_and_start_s",
           "lung_mask", "network", "quantify", "write", "lov_ml"]
-  print(f"{datetime.date.today()} {platform.processor() or platform.machine()}, "
+  from scoat_jax.evaluation.model_cost import cpu_model  # the CPU's model name, not just 'x86_64'
+  print(f"{datetime.date.today()} {cpu_model()}, "
         f"{os.cpu_count()} cores, {args.depth} x 512 x 512 at {args.slice_mm} mm")
   print("| " + " | ".join(head) + " |")
   print("|" + "---|" * len(head))
