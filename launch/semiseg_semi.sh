@@ -32,8 +32,9 @@
 #   --dry_run        print the commands without running them
 # Further --config.* flags go to every training command.
 #
-# Timing (benchmarks/README.md): 45 minutes on a 2-core CPU with InfNet-pseudo/ (default
-# --method=pretrain; --method=mix about 50).
+# Timing (benchmarks/README.md), 2-core CPU with InfNet-pseudo/: 69 minutes with the default
+# --method=pretrain on a 2-core AMD EPYC (about 35 on a 2-core Xeon, twice as fast);
+# --method=mix about 80 on the EPYC; --self_training adds a teacher and its labels (1 hour).
 set -euo pipefail
 
 usage() { echo "usage: bash $0 LABELLED UNLABELLED WORKDIR [--self_training] [--method=pretrain|mix] [--rounds=N] [--fold=K] [--gpu] [--classes=3] [--dry_run] [--config.FIELD=VALUE ...]" >&2; exit 2; }
