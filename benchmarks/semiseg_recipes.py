@@ -40,7 +40,9 @@ scan's grey levels onto the fold's labelled training slices
 (`config.unlabelled.match_intensity`; the own teacher labels the matched slices,
 `pseudo_label --match_intensity`). `onehead_self_pretrain` -> `onehead_self_finetune`
 is Semi-Inf-Net's protocol with the fold's own matched teacher; `onehead_200` is
-`onehead` at the protocol's total steps (200).
+`onehead` at the protocol's total steps (200). `onehead_3class_200` and
+`onehead_3class_infnet_pretrain` -> `onehead_3class_infnet_finetune` are the same two
+with ground glass and consolidation apart.
 
     python benchmarks/semiseg_recipes.py --root=runs/search --folds=0-4 \
         --variants=onehead,onehead_infnet,onehead_self --paired=onehead \
@@ -110,12 +112,19 @@ VARIANTS["onehead_self_matched"] = SEMI + MATCH
 # labelling the matched slices.
 VARIANTS["onehead_self_pretrain"] = VARIANTS["onehead_infnet_pretrain"] + MATCH
 VARIANTS["onehead_self_finetune"] = ONE_HEAD
+# 3 classes: labelled only at the protocol's 200 steps, and the protocol (its pre-training
+# trains P(opacity) = 1 - P(background) on the 1-class maps; fine-tuning splits the classes).
+VARIANTS["onehead_3class_200"] = VARIANTS["onehead_3class"] + VARIANTS["epochs20"]
+VARIANTS["onehead_3class_infnet_pretrain"] = VARIANTS["onehead_infnet_pretrain"] + VARIANTS["3class"]
+VARIANTS["onehead_3class_infnet_finetune"] = VARIANTS["onehead_3class"]
 INIT_FROM = {"onehead_infnet_finetune": "onehead_infnet_pretrain",   # variant: trained first
-             "onehead_self_finetune": "onehead_self_pretrain"}
+             "onehead_self_finetune": "onehead_self_pretrain",
+             "onehead_3class_infnet_finetune": "onehead_3class_infnet_pretrain"}
 SOFT_FROM = {"onehead_infnet": "--soft_labels", "onehead_infnet_pretrain": "--soft_labels", "onehead_self": "onehead",
              "onehead_infnet_long": "--soft_labels", "onehead_3class_infnet": "--soft_labels",
              "onehead_infnet_light_long": "--soft_labels", "onehead_infnet_matched": "--soft_labels",
-             "onehead_self_matched": "onehead", "onehead_self_pretrain": "onehead"}
+             "onehead_self_matched": "onehead", "onehead_self_pretrain": "onehead",
+             "onehead_3class_infnet_pretrain": "--soft_labels"}
 INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4", "p0.3")
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 
