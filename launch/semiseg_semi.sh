@@ -33,7 +33,7 @@
 # Further --config.* flags go to every training command.
 #
 # Timing (benchmarks/README.md), 2-core CPU with InfNet-pseudo/: 69 minutes with the default
-# --method=pretrain on a 2-core AMD EPYC (about 35 on a 2-core Xeon, twice as fast);
+# --method=pretrain on a 2-core AMD EPYC (an estimated 35 on a 2-core Xeon, twice as fast);
 # --method=mix about 80 on the EPYC; --self_training adds a teacher and its labels (1 hour).
 set -euo pipefail
 
