@@ -42,7 +42,9 @@ scan's grey levels onto the fold's labelled training slices
 is Semi-Inf-Net's protocol with the fold's own matched teacher; `onehead_200` is
 `onehead` at the protocol's total steps (200). `onehead_3class_200` and
 `onehead_3class_infnet_pretrain` -> `onehead_3class_infnet_finetune` are the same two
-with ground glass and consolidation apart.
+with ground glass and consolidation apart; `onehead_3class_expand_finetune` and
+`onehead_3class_newhead_finetune` fine-tune the 1-class `onehead_infnet_pretrain`
+under a 3-class head (`config.init_head=expand` or `new`).
 
     python benchmarks/semiseg_recipes.py --root=runs/search --folds=0-4 \
         --variants=onehead,onehead_infnet,onehead_self --paired=onehead \
@@ -117,9 +119,16 @@ VARIANTS["onehead_self_finetune"] = ONE_HEAD
 VARIANTS["onehead_3class_200"] = VARIANTS["onehead_3class"] + VARIANTS["epochs20"]
 VARIANTS["onehead_3class_infnet_pretrain"] = VARIANTS["onehead_infnet_pretrain"] + VARIANTS["3class"]
 VARIANTS["onehead_3class_infnet_finetune"] = VARIANTS["onehead_3class"]
+# The 1-class protocol's pre-trained model under a 3-class head, fine-tuned on the labelled
+# slices: the head starts from the 1-class one (expand: P(opacity) unchanged, the split even)
+# or fresh (new); config.init_head.
+VARIANTS["onehead_3class_expand_finetune"] = VARIANTS["onehead_3class"] + ["--config.init_head=expand"]
+VARIANTS["onehead_3class_newhead_finetune"] = VARIANTS["onehead_3class"] + ["--config.init_head=new"]
 INIT_FROM = {"onehead_infnet_finetune": "onehead_infnet_pretrain",   # variant: trained first
              "onehead_self_finetune": "onehead_self_pretrain",
-             "onehead_3class_infnet_finetune": "onehead_3class_infnet_pretrain"}
+             "onehead_3class_infnet_finetune": "onehead_3class_infnet_pretrain",
+             "onehead_3class_expand_finetune": "onehead_infnet_pretrain",
+             "onehead_3class_newhead_finetune": "onehead_infnet_pretrain"}
 SOFT_FROM = {"onehead_infnet": "--soft_labels", "onehead_infnet_pretrain": "--soft_labels", "onehead_self": "onehead",
              "onehead_infnet_long": "--soft_labels", "onehead_3class_infnet": "--soft_labels",
              "onehead_infnet_light_long": "--soft_labels", "onehead_infnet_matched": "--soft_labels",

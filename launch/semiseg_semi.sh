@@ -28,7 +28,8 @@
 #   --fold=K         cross-validation: teacher and students train on fold K's
 #                    training slices only and are scored on its validation slices
 #   --gpu            the recipe sized for one GPU (512 px, the paper's 50 epochs)
-#   --classes=3      ground glass and consolidation apart (launch/semiseg_semi_3class.sh)
+#   --classes=3      ground glass and consolidation apart (launch/semiseg_semi_3class.sh):
+#                    the student fine-tunes 3 classes from the 1-class pre-training
 #   --dry_run        print the commands without running them
 # Further --config.* flags go to every training command.
 #
@@ -71,8 +72,13 @@ TEACHER_CFG=$HERE/semiseg_all$SUFFIX.cfg
 STUDENT_CFG=$HERE/semiseg_semi$SUFFIX.cfg
 PRETRAIN_CFG=$HERE/semiseg_pretrain$SUFFIX.cfg
 COMMON=(--config.data.data_dir="$DATA" --config.data.fold="$FOLD")
+# The student's classes. With --classes=3 teachers and pre-training stay 1-class (the
+# soft labels are of any opacity); the fine-tuning starts from the pre-trained 1-class
+# head expanded to 3 classes (config.init_head=expand).
+CLASS_FLAGS=() INIT_HEAD=()
 if [[ $CLASSES == 3 ]]; then
-  COMMON+=(--config.num_classes=3 --config.loss=ce_dice --config.loss_kwargs.alpha=1.0)
+  CLASS_FLAGS=(--config.num_classes=3 --config.loss=ce_dice --config.loss_kwargs.alpha=1.0)
+  INIT_HEAD=(--config.init_head=expand)
 fi
 [[ $FOLD == all ]] || COMMON+=(--config.eval_every_epochs=50)
 
@@ -110,12 +116,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
   STUDENT=$WORKDIR/student_round$r
   if [[ $METHOD == mix ]]; then
     stage "3/3 student $r/$ROUNDS on the labelled slices and $SOFT"
-    train "$STUDENT_CFG" "$STUDENT" --config.unlabelled.soft_labels="$SOFT"
+    train "$STUDENT_CFG" "$STUDENT" "${CLASS_FLAGS[@]}" --config.unlabelled.soft_labels="$SOFT"
   else
     stage "3/3 student $r/$ROUNDS: pre-training on $SOFT alone"
     train "$PRETRAIN_CFG" "$WORKDIR/pretrain_round$r" --config.unlabelled.soft_labels="$SOFT"
     stage "3/3 student $r/$ROUNDS: fine-tuning on the labelled slices"
-    train "$TEACHER_CFG" "$STUDENT" --config.init_from="$WORKDIR/pretrain_round$r"
+    train "$TEACHER_CFG" "$STUDENT" "${CLASS_FLAGS[@]}" "${INIT_HEAD[@]}" \
+      --config.init_from="$WORKDIR/pretrain_round$r"
   fi
   if (( r < ROUNDS )); then
     SOFT=$WORKDIR/soft_round$((r + 1))

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# launch/semiseg_semi.sh with ground glass and consolidation apart (3 classes,
-# softmax CE-Dice on the labelled slices; the unlabelled slices' soft labels, of
-# any opacity, train P(opacity) = 1 - P(background)). Same arguments and options.
-# The maps do not tell the classes apart: at the short cross-validation budget the
-# fine-tuned model lost consolidation on the fold measured (docs/results_semiseg.md).
+# launch/semiseg_semi.sh with ground glass and consolidation apart. Same arguments and
+# options. The soft labels are of any opacity, so the pre-training (and any teacher) is
+# the 1-class one; the fine-tuning on the labelled slices trains 3 classes (softmax
+# CE-Dice) from it, its 1-class head expanded to 3 (config.init_head=expand:
+# P(opacity) = 1 - P(background) starts as the pre-trained sigmoid, the split even).
+# With --method=mix the student trains 3 classes on both at once (the soft labels
+# train P(opacity) = 1 - P(background)). Cross-validation: docs/results_semiseg.md.
 #   bash launch/semiseg_semi_3class.sh LABELLED UNLABELLED WORKDIR [options]
 exec bash "$(dirname "$0")/semiseg_semi.sh" "$@" --classes=3

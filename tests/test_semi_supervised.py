@@ -364,12 +364,12 @@ def test_semi_loss_with_ratio_zero_is_the_supervised_loss():
 
 # ----------------------------------------------------------------------------- the launch scripts
 
-def _dry(tmp_path, *extra, unlabelled_has_maps=True):
+def _dry(tmp_path, *extra, unlabelled_has_maps=True, script="semiseg_semi.sh"):
   lab, unl = tmp_path / "lab", tmp_path / "unl"
   for d in (lab / "Imgs", lab / "GT", unl / "Imgs") + ((unl / "InfNet-pseudo",)
                                                         if unlabelled_has_maps else ()):
     d.mkdir(parents=True, exist_ok=True)
-  return subprocess.run(["bash", str(ROOT / "launch" / "semiseg_semi.sh"), str(lab), str(unl),
+  return subprocess.run(["bash", str(ROOT / "launch" / script), str(lab), str(unl),
                          str(tmp_path / "work"), "--dry_run", *extra],
                         capture_output=True, text=True, cwd=ROOT, timeout=60)
 
@@ -411,9 +411,22 @@ def test_launch_script_self_training_rounds_gpu_and_three_classes(tmp_path):
   assert kinds == ["semiseg_all_gpu.cfg", "pseudo_label", "semiseg_pretrain_gpu.cfg",
                    "semiseg_all_gpu.cfg", "pseudo_label", "semiseg_pretrain_gpu.cfg",
                    "semiseg_all_gpu.cfg"]
-  assert all("--config.data.fold=3" in c and "--config.num_classes=3" in c
-             for c in cmds[2:] if "scoat_jax.main" in c)
+  mains = [c for c in cmds[2:] if "scoat_jax.main" in c]
+  assert all("--config.data.fold=3" in c for c in mains)
+  # Teachers and pre-training are 1-class; each student fine-tunes 3 classes from its
+  # pre-training with the head expanded.
+  students = [c for c in mains if "--config.init_from=" in c]
+  assert len(students) == 2 and all("--config.init_head=expand" in c for c in students)
+  assert [("--config.num_classes=3" in c) for c in mains] == [c in students for c in mains]
   assert "--teacher=" + str(tmp_path / "work" / "student_round1") in cmds[6]
+
+
+def test_three_class_script_pretrains_one_class_and_expands_the_head(tmp_path):
+  cmds = _commands(_dry(tmp_path, script="semiseg_semi_3class.sh"))
+  assert "semiseg_pretrain.cfg" in cmds[2] and "--config.num_classes=3" not in cmds[2]
+  assert "--config.num_classes=3" in cmds[3] and "--config.init_head=expand" in cmds[3]
+  mix = _commands(_dry(tmp_path, "--method=mix", script="semiseg_semi_3class.sh"))
+  assert "--config.num_classes=3" in mix[2] and "init_head" not in mix[2]
 
 
 @pytest.mark.parametrize("args,expected", [(("--rounds=0",), "--rounds=0"),

@@ -27,6 +27,7 @@ ADDED_IN_VERSION_3 = {
                       "min_confidence": 0.0, "hard": False, "slices": "all",
                       "match_intensity": False},
     ("unlabelled", "match_intensity"): False,
+    ("init_head",): "same",
 }
 
 

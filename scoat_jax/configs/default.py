@@ -120,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every_steps = 10
   c.num_overlays = 4                  # validation overlays written to TensorBoard.
   c.init_from = ""                    # a checkpoint dir/step or a PyTorch .npz/.pth.
+  c.init_head = "same"                # init_from of another class count: same | new | expand
   c.max_steps = -1                    # >0 stops early (tests, smoke runs).
 
   # Runtime.

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax.training import train_state
 
 from scoat_jax import checkpoints, models
@@ -126,9 +127,32 @@ def make_train_step(config, mesh, *, with_grads: bool = False) -> Callable:
                  donate_argnums=(0,))
 
 
+INIT_HEADS = ("same", "new", "expand")
+
+
+def _class_head(path) -> str:
+  """'kernel' or 'bias' where a parameter path ends in one, else ''."""
+  name = getattr(path[-1], "key", "") if path else ""
+  return name if name in ("kernel", "bias") else ""
+
+
 def init_from(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
-  """Replaces parameters and BN statistics with those of `config.init_from`."""
+  """Replaces parameters and BN statistics with those of `config.init_from`.
+
+  `config.init_head` says what happens to a classifier whose output channels
+  differ from the model's `num_classes` (a 1-class model under a 3-class one):
+  'same' refuses it (the default: every shape must match), 'new' keeps that
+  classifier's fresh initialisation, and 'expand' turns a 1-class sigmoid head
+  into a K-class softmax one whose P(not class 0) equals the 1-class model's
+  sigmoid at the first step: class 0 (background) gets zero weights and bias,
+  every other class the 1-class weights and its bias minus log(K - 1).
+  Every other parameter must match in shape.
+  """
   source = config.init_from
+  head = config.get("init_head", "same")
+  if head not in INIT_HEADS:
+    raise checkpoints.CheckpointError(
+        f"config.init_head={head!r}: choose one of {', '.join(INIT_HEADS)}.")
   if source.endswith((".npz", ".pth", ".pt")):
     variables = models.load_torch_weights(config.model_name, source)
   else:
@@ -136,19 +160,50 @@ def init_from(state: TrainState, config: ml_collections.ConfigDict) -> TrainStat
       variables, _ = checkpoints.load_variables(source)
     except checkpoints.CheckpointError as e:
       raise checkpoints.CheckpointError(f"config.init_from={source}: {e}") from None
-  def check(a, b):
-    if np.shape(a) != np.shape(b):
-      raise checkpoints.CheckpointError(
-          f"config.init_from={source}: a parameter has shape {np.shape(b)}, the model "
-          f"needs {np.shape(a)}; use weights of the same model, widths and classes.")
+  classes = int(config.num_classes)
+  changed = []
+
+  def convert(path, a, b):
+    a_shape, b_shape = np.shape(a), np.shape(b)
+    if a_shape != b_shape:
+      b = _new_head(path, a, b, head, classes, source)
+      changed.append(jax.tree_util.keystr(path))
     return jax.device_put(jnp.asarray(b, a.dtype), a.sharding)
+
   try:
-    params = jax.tree_util.tree_map(check, state.params, variables["params"])
-    stats = jax.tree_util.tree_map(check, state.batch_stats, variables["batch_stats"])
+    params = jax.tree_util.tree_map_with_path(convert, state.params, variables["params"])
+    stats = jax.tree_util.tree_map_with_path(convert, state.batch_stats,
+                                             variables["batch_stats"])
   except ValueError as e:
     if isinstance(e, checkpoints.CheckpointError):
       raise
     raise checkpoints.CheckpointError(
         f"config.init_from={source}: its parameter tree differs from the model's "
         f"({str(e).splitlines()[0]}); use weights of the same model.") from None
+  if changed:
+    logging.info("init_head=%s: %s", head, ", ".join(changed))
   return state.replace(params=params, batch_stats=stats)
+
+
+def _new_head(path, a, b, head: str, classes: int, source: str):
+  """The value of a classifier leaf whose class count differs (see `init_from`)."""
+  a_shape, b_shape = np.shape(a), np.shape(b)
+  kind = _class_head(path)
+  is_head = (kind and len(a_shape) == len(b_shape) and a_shape[:-1] == b_shape[:-1]
+             and a_shape[-1] == classes)
+  if head == "same" or not is_head:
+    hint = ("; a classifier of another class count loads with config.init_head=new or "
+            "expand" if is_head else "; use weights of the same model, widths and classes")
+    raise checkpoints.CheckpointError(
+        f"config.init_from={source}: {jax.tree_util.keystr(path)} has shape {b_shape}, "
+        f"the model needs {a_shape}{hint}.")
+  if head == "new":
+    return np.asarray(a)
+  if b_shape[-1] != 1 or classes < 2:
+    raise checkpoints.CheckpointError(
+        f"config.init_from={source}: init_head=expand turns a 1-class head into a "
+        f"{classes}-class one, but {jax.tree_util.keystr(path)} has {b_shape[-1]} "
+        "outputs; use init_head=new.")
+  b = np.asarray(b, np.float32)
+  shift = np.log(classes - 1) if kind == "bias" else 0.0
+  return np.concatenate([np.zeros_like(b)] + [b - shift] * (classes - 1), axis=-1)

@@ -212,6 +212,9 @@ def _restore_or_initialise(state, manager, writer: MetricsWriter, config):
     writer.rewrite(int(restored.step), last=(meta or {}).get("record"))
     return restored
   writer.rewrite(0)
+  if config.get("init_head", "same") != "same" and not config.init_from:
+    raise checkpoints.CheckpointError(
+        f"config.init_head={config.init_head} needs config.init_from (the weights to load).")
   if config.init_from:
     state = optimization.init_from(state, config)
     logging.info("Initialised from %s.", config.init_from)
