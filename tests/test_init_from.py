@@ -6,6 +6,10 @@ sigmoid on the same input, worked out by hand in `init_from`'s docstring; with
 'new' every classifier keeps its fresh weights and everything else is loaded;
 'same' refuses, naming the option.
 """
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +20,8 @@ from scoat_jax.common import parallel
 from scoat_jax.configs import default
 from scoat_jax.training import optimization
 from scoat_jax.training.schedule import paper_schedule
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(classes, **fields):
@@ -82,3 +88,13 @@ def test_same_refuses_another_class_count_and_names_the_option(monkeypatch, one_
 def test_a_bad_init_head_is_refused(monkeypatch, one_class):
   with pytest.raises(checkpoints.CheckpointError, match="choose one of same, new, expand"):
     _load(monkeypatch, one_class, "widen")
+
+
+def test_main_refuses_init_head_without_init_from_and_writes_nothing(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "scoat_jax.main", "--config=scoat_jax/configs/demo.py",
+       "--config.batch_size=4", "--config.init_head=expand", f"--workdir={tmp_path / 'run'}"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert proc.returncode == 2 and len(errors) == 1 and "config.init_from" in errors[0]
+  assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

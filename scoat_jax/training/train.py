@@ -120,6 +120,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validating = config.data.fold != folds.ALL_FOLDS
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
+  head = config.get("init_head", "same")
+  if head not in optimization.INIT_HEADS or (head != "same" and not config.init_from):
+    raise checkpoints.CheckpointError(
+        f"config.init_head={head!r}: choose one of {', '.join(optimization.INIT_HEADS)}; "
+        "new and expand need config.init_from (the weights to load).")
   spe = steps_per_epoch(config)
   total_steps = config.num_epochs * spe
   if config.max_steps > 0:
@@ -212,9 +217,6 @@ def _restore_or_initialise(state, manager, writer: MetricsWriter, config):
     writer.rewrite(int(restored.step), last=(meta or {}).get("record"))
     return restored
   writer.rewrite(0)
-  if config.get("init_head", "same") != "same" and not config.init_from:
-    raise checkpoints.CheckpointError(
-        f"config.init_head={config.init_head} needs config.init_from (the weights to load).")
   if config.init_from:
     state = optimization.init_from(state, config)
     logging.info("Initialised from %s.", config.init_from)
