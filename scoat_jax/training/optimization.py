@@ -136,6 +136,16 @@ def _class_head(path) -> str:
   return name if name in ("kernel", "bias") else ""
 
 
+def check_init_head(config: ml_collections.ConfigDict) -> str:
+  """`config.init_head`, refused unless one of INIT_HEADS (new and expand need init_from)."""
+  head = config.get("init_head", "same")
+  if head not in INIT_HEADS or (head != "same" and not config.init_from):
+    raise checkpoints.CheckpointError(
+        f"config.init_head={head!r}: choose one of {', '.join(INIT_HEADS)}; "
+        "new and expand need config.init_from (the weights to load).")
+  return head
+
+
 def init_from(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
   """Replaces parameters and BN statistics with those of `config.init_from`.
 
@@ -149,10 +159,7 @@ def init_from(state: TrainState, config: ml_collections.ConfigDict) -> TrainStat
   Every other parameter must match in shape.
   """
   source = config.init_from
-  head = config.get("init_head", "same")
-  if head not in INIT_HEADS:
-    raise checkpoints.CheckpointError(
-        f"config.init_head={head!r}: choose one of {', '.join(INIT_HEADS)}.")
+  head = check_init_head(config)
   if source.endswith((".npz", ".pth", ".pt")):
     variables = models.load_torch_weights(config.model_name, source)
   else:

@@ -120,11 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validating = config.data.fold != folds.ALL_FOLDS
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
-  head = config.get("init_head", "same")
-  if head not in optimization.INIT_HEADS or (head != "same" and not config.init_from):
-    raise checkpoints.CheckpointError(
-        f"config.init_head={head!r}: choose one of {', '.join(optimization.INIT_HEADS)}; "
-        "new and expand need config.init_from (the weights to load).")
+  optimization.check_init_head(config)
   spe = steps_per_epoch(config)
   total_steps = config.num_epochs * spe
   if config.max_steps > 0:
