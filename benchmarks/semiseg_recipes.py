@@ -34,7 +34,8 @@ Semi-supervised variants (`config.unlabelled`, half of every batch from
 scoat_jax.pseudo_label`, so its teacher saw the fold's training slices only.
 `onehead_infnet_pretrain` trains on Semi-Inf-Net's maps alone (`ratio=1`) and
 `onehead_infnet_finetune` fine-tunes its last step on the labelled slices
-(`config.init_from`): Semi-Inf-Net's own protocol, its time both stages'.
+(`config.init_from`): Semi-Inf-Net's own protocol, its time both stages';
+`onehead_infnet_finetune_200` fine-tunes it for `onehead_200`'s 200 labelled steps.
 `onehead_infnet_matched` and `onehead_self_matched` first map every unlabelled
 scan's grey levels onto the fold's labelled training slices
 (`config.unlabelled.match_intensity`; the own teacher labels the matched slices,
@@ -105,6 +106,9 @@ VARIANTS["onehead_infnet_light_long"] = ONE_HEAD + [
 VARIANTS["onehead_infnet_pretrain"] = ONE_HEAD + [
     "--config.unlabelled.name=unlabelled_slices", "--config.unlabelled.ratio=1"]
 VARIANTS["onehead_infnet_finetune"] = ONE_HEAD
+# The same pre-training, then the labelled slices for as many steps as onehead_200: the
+# pre-training is added to the labelled schedule rather than taken out of it.
+VARIANTS["onehead_infnet_finetune_200"] = VARIANTS["onehead_200"]
 # Every unlabelled scan's grey levels matched to the fold's labelled training slices
 # (config.unlabelled.match_intensity; its teacher labels the matched slices too).
 MATCH = ["--config.unlabelled.match_intensity=True"]
@@ -125,6 +129,7 @@ VARIANTS["onehead_3class_infnet_finetune"] = VARIANTS["onehead_3class"]
 VARIANTS["onehead_3class_expand_finetune"] = VARIANTS["onehead_3class"] + ["--config.init_head=expand"]
 VARIANTS["onehead_3class_newhead_finetune"] = VARIANTS["onehead_3class"] + ["--config.init_head=new"]
 INIT_FROM = {"onehead_infnet_finetune": "onehead_infnet_pretrain",   # variant: trained first
+             "onehead_infnet_finetune_200": "onehead_infnet_pretrain",
              "onehead_self_finetune": "onehead_self_pretrain",
              "onehead_3class_infnet_finetune": "onehead_3class_infnet_pretrain",
              "onehead_3class_expand_finetune": "onehead_infnet_pretrain",
