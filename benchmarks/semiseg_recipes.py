@@ -35,7 +35,9 @@ scoat_jax.pseudo_label`, so its teacher saw the fold's training slices only.
 `onehead_infnet_pretrain` trains on Semi-Inf-Net's maps alone (`ratio=1`) and
 `onehead_infnet_finetune` fine-tunes its last step on the labelled slices
 (`config.init_from`): Semi-Inf-Net's own protocol, its time both stages';
-`onehead_infnet_finetune_200` fine-tunes it for `onehead_200`'s 200 labelled steps.
+`onehead_infnet_finetune_200` fine-tunes it for `onehead_200`'s 200 labelled steps;
+`onehead_round2_pretrain` -> `onehead_round2_finetune_200` is a second round, the same
+two stages on the labels of the fold's `onehead_infnet_finetune_200` model.
 `onehead_infnet_matched` and `onehead_self_matched` first map every unlabelled
 scan's grey levels onto the fold's labelled training slices
 (`config.unlabelled.match_intensity`; the own teacher labels the matched slices,
@@ -109,6 +111,10 @@ VARIANTS["onehead_infnet_finetune"] = ONE_HEAD
 # The same pre-training, then the labelled slices for as many steps as onehead_200: the
 # pre-training is added to the labelled schedule rather than taken out of it.
 VARIANTS["onehead_infnet_finetune_200"] = VARIANTS["onehead_200"]
+# A second round: the fold's round-1 student (onehead_infnet_finetune_200) labels the
+# unlabelled slices, and the protocol runs again on its labels.
+VARIANTS["onehead_round2_pretrain"] = VARIANTS["onehead_infnet_pretrain"]
+VARIANTS["onehead_round2_finetune_200"] = VARIANTS["onehead_200"]
 # Every unlabelled scan's grey levels matched to the fold's labelled training slices
 # (config.unlabelled.match_intensity; its teacher labels the matched slices too).
 MATCH = ["--config.unlabelled.match_intensity=True"]
@@ -130,6 +136,7 @@ VARIANTS["onehead_3class_expand_finetune"] = VARIANTS["onehead_3class"] + ["--co
 VARIANTS["onehead_3class_newhead_finetune"] = VARIANTS["onehead_3class"] + ["--config.init_head=new"]
 INIT_FROM = {"onehead_infnet_finetune": "onehead_infnet_pretrain",   # variant: trained first
              "onehead_infnet_finetune_200": "onehead_infnet_pretrain",
+             "onehead_round2_finetune_200": "onehead_round2_pretrain",
              "onehead_self_finetune": "onehead_self_pretrain",
              "onehead_3class_infnet_finetune": "onehead_3class_infnet_pretrain",
              "onehead_3class_expand_finetune": "onehead_infnet_pretrain",
@@ -138,7 +145,8 @@ SOFT_FROM = {"onehead_infnet": "--soft_labels", "onehead_infnet_pretrain": "--so
              "onehead_infnet_long": "--soft_labels", "onehead_3class_infnet": "--soft_labels",
              "onehead_infnet_light_long": "--soft_labels", "onehead_infnet_matched": "--soft_labels",
              "onehead_self_matched": "onehead", "onehead_self_pretrain": "onehead",
-             "onehead_3class_infnet_pretrain": "--soft_labels"}
+             "onehead_3class_infnet_pretrain": "--soft_labels",
+             "onehead_round2_pretrain": "onehead_infnet_finetune_200"}
 INFERENCE = ("plain", "tta", "heads", "pp", "p0.5", "p0.4", "p0.3")
 METRICS = ("dsc", "sen", "ppv", "va", "rlp", "rlr")
 
@@ -149,6 +157,15 @@ def parse_folds(text: str) -> list[int]:
     lo, _, hi = part.partition("-")
     out.extend(range(int(lo), int(hi or lo) + 1))
   return out
+
+
+def needs_maps(variant: str) -> bool:
+  """Whether training `variant` reads Semi-Inf-Net's maps, itself or through a stage or
+  teacher it is trained from."""
+  source = SOFT_FROM.get(variant)
+  if source == "--soft_labels":
+    return True
+  return any(needs_maps(v) for v in (source, INIT_FROM.get(variant)) if v)
 
 
 def soft_labels(root: pathlib.Path, variant: str, fold: int, args) -> tuple[list[str], float]:
@@ -359,8 +376,7 @@ def main(argv=None) -> int:
       print(f"error: --variants: {n!r} is not one of {', '.join(VARIANTS)}", file=sys.stderr)
       return 2
   for n in names:
-    needs = SOFT_FROM.get(n) or SOFT_FROM.get(INIT_FROM.get(n, ""))
-    if needs == "--soft_labels" and not args.soft_labels and not args.score_only:
+    if needs_maps(n) and not args.soft_labels and not args.score_only:
       print(f"error: --variants={n} needs --soft_labels=DIR (Semi-Inf-Net's InfNet-pseudo/)",
             file=sys.stderr)
       return 2

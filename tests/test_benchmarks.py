@@ -177,3 +177,15 @@ def test_semiseg_recipe_search_trains_scores_and_refuses_bad_requests(tmp_path):
     proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'bad'}", *flags)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("variant", ["onehead_infnet_pretrain", "onehead_infnet_finetune_200",
+                                     "onehead_round2_finetune_200"])
+def test_semiseg_recipes_refuses_a_variant_that_needs_the_maps_without_them(tmp_path, variant):
+  # The maps may be needed two stages down (round 2 -> its pre-training -> its teacher
+  # -> that teacher's pre-training): one error line, exit 2, nothing written.
+  proc = _benchmark("semiseg_recipes.py", f"--root={tmp_path / 'runs'}", f"--variants={variant}",
+                    "--folds=0")
+  assert proc.returncode == 2 and not (tmp_path / "runs").exists()
+  assert proc.stderr.strip() == (f"error: --variants={variant} needs --soft_labels=DIR "
+                                 "(Semi-Inf-Net's InfNet-pseudo/)")
