@@ -51,8 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scoat_jax.models import layers, resnet
-from scoat_jax.models.conv import Conv
+from scoat_jax.models import resnet
 
 Dtype = Any
 ModuleDef = Any
@@ -114,73 +113,31 @@ class ASPP(nn.Module):
     return nn.Dropout(self.dropout_rate, deterministic=not self.train, name="dropout")(y)
 
 
-class DeepLabV3(nn.Module):
+class DeepLabV3(resnet.Segmenter):
   """DeepLabV3-ResNet-50 returning logits at the input resolution (no sigmoid/softmax).
 
-  Attributes:
-    num_classes: output channels.
-    widths: stem and layer1..layer4 output widths (ResNet-50: 64, 256, 512,
-      1024, 2048); ASPP and the head have widths[4] // 8 channels.
-    dtype: compute dtype (float32 or bfloat16); parameters and logits float32.
-    in_channels: expected input channels; None accepts any.
-    conv: the convolution module every layer uses.
+  Attributes (and class facts) of `resnet.Segmenter`, ASPP and the head
+  widths[4] // 8 wide, and:
     atrous_rates: dilations of ASPP's three 3x3 branches (12, 24, 36 at
       output stride 8).
     dropout_rate: dropout after ASPP's projection in training (torchvision
       0.5; needs a 'dropout' rng when > 0).
-
-  Class facts:
-    input_multiple: height and width must be multiples of this (output stride 8).
-    attention_maps: none.
   """
-  num_classes: int = 1
-  widths: Sequence[int] = resnet.DEFAULT_WIDTHS
-  dtype: Dtype = jnp.float32
-  in_channels: int | None = None
-  conv: ModuleDef = Conv
   atrous_rates: Sequence[int] = DEFAULT_ATROUS_RATES
   dropout_rate: float = 0.5
 
-  input_multiple: ClassVar[int] = resnet.OUTPUT_STRIDE
-  attention_maps: ClassVar[tuple[str, ...]] = ()
+  NAME: ClassVar[str] = NAME
 
-  def inference_bytes_per_slice(self, size: int) -> int:
-    """About how much memory one size x size slice takes in an inference forward pass.
-
-    See `resnet.inference_bytes_per_slice` (measured: about 50 MB per 256-px
-    slice in float32 at full widths).
-    """
-    widths = resnet.check_widths(NAME, self.widths)
-    return resnet.inference_bytes_per_slice(widths, size, self.dtype)
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Segments a batch of slices.
-
-    Args:
-      x: float array (batch, height, width, in_channels), height and width
-        multiples of 8.
-      train: batch statistics in BatchNorm (update with `mutable=['batch_stats']`)
-        and dropout on.
-
-    Returns:
-      Logits (batch, height, width, num_classes), float32.
-    """
-    layers.check_input_shape(NAME, x.shape, self.input_multiple, "output stride 8",
-                             in_channels=self.in_channels)
-    widths, dtype = resnet.check_widths(NAME, self.widths), self.dtype
+  def check_attributes(self, widths: tuple[int, ...]) -> None:
     if widths[4] % 8:
       raise ValueError(f"{NAME}: widths[4] must divide by 8 (ASPP has widths[4] // 8 "
                        f"channels), got {widths}")
     if not self.atrous_rates or min(self.atrous_rates) < 1:
       raise ValueError(f"{NAME}: atrous_rates must be positive dilations, got "
                        f"{self.atrous_rates}")
-    conv = layers.conv_def(self.conv, dtype=dtype)
-    norm = layers.norm_def(train=train, dtype=dtype)
 
-    features = resnet.ResNet(widths, conv, norm, name="backbone")(x.astype(dtype))["layer4"]
+  def head(self, features: jax.Array, widths: tuple[int, ...], conv: ModuleDef,
+           norm: ModuleDef, train: bool) -> jax.Array:
     y = ASPP(widths[4] // 8, tuple(self.atrous_rates), self.dropout_rate, train, conv, norm,
              name="aspp")(features)
-    y = resnet.ConvBNReLU(widths[4] // 8, 3, conv, norm, name="head")(y)
-    logits = conv(self.num_classes, 1, name="classifier")(y).astype(jnp.float32)
-    return resnet.resize_bilinear(logits, x.shape[1], x.shape[2])
+    return resnet.ConvBNReLU(widths[4] // 8, 3, conv, norm, name="head")(y)

@@ -55,8 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoat_jax.models import layers, resnet
-from scoat_jax.models.conv import Conv
+from scoat_jax.models import resnet
 
 Dtype = Any
 ModuleDef = Any
@@ -112,71 +111,29 @@ class PyramidPooling(nn.Module):
     return jnp.concatenate(branches, axis=-1)
 
 
-class PSPNet(nn.Module):
+class PSPNet(resnet.Segmenter):
   """PSPNet-ResNet-50 returning logits at the input resolution (no sigmoid/softmax).
 
-  Attributes:
-    num_classes: output channels.
-    widths: stem and layer1..layer4 output widths (ResNet-50: 64, 256, 512,
-      1024, 2048); each pyramid branch and the head have widths[4] // 4.
-    dtype: compute dtype (float32 or bfloat16); parameters and logits float32.
-    in_channels: expected input channels; None accepts any.
-    conv: the convolution module every layer uses.
+  Attributes (and class facts) of `resnet.Segmenter`, each pyramid branch and
+  the head widths[4] // 4 wide, and:
     bins: pyramid bin sizes (the paper's 1, 2, 3, 6).
     dropout_rate: dropout before the classifier in training (the original
       0.1; needs a 'dropout' rng when > 0).
-
-  Class facts:
-    input_multiple: height and width must be multiples of this (output stride 8).
-    attention_maps: none.
   """
-  num_classes: int = 1
-  widths: Sequence[int] = resnet.DEFAULT_WIDTHS
-  dtype: Dtype = jnp.float32
-  in_channels: int | None = None
-  conv: ModuleDef = Conv
   bins: Sequence[int] = DEFAULT_BINS
   dropout_rate: float = 0.1
 
-  input_multiple: ClassVar[int] = resnet.OUTPUT_STRIDE
-  attention_maps: ClassVar[tuple[str, ...]] = ()
+  NAME: ClassVar[str] = NAME
 
-  def inference_bytes_per_slice(self, size: int) -> int:
-    """About how much memory one size x size slice takes in an inference forward pass.
-
-    See `resnet.inference_bytes_per_slice` (measured: about 50 MB per 256-px
-    slice in float32 at full widths).
-    """
-    widths = resnet.check_widths(NAME, self.widths)
-    return resnet.inference_bytes_per_slice(widths, size, self.dtype)
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Segments a batch of slices.
-
-    Args:
-      x: float array (batch, height, width, in_channels), height and width
-        multiples of 8.
-      train: batch statistics in BatchNorm (update with `mutable=['batch_stats']`)
-        and dropout on.
-
-    Returns:
-      Logits (batch, height, width, num_classes), float32.
-    """
-    layers.check_input_shape(NAME, x.shape, self.input_multiple, "output stride 8",
-                             in_channels=self.in_channels)
+  def check_attributes(self, widths: tuple[int, ...]) -> None:
     bins = tuple(self.bins)
     if not bins or len(set(bins)) != len(bins) or min(bins) < 1:
       raise ValueError(f"{NAME}: bins must be distinct positive sizes, got {self.bins}")
-    widths, dtype = resnet.check_widths(NAME, self.widths), self.dtype
-    conv = layers.conv_def(self.conv, dtype=dtype)
-    norm = layers.norm_def(train=train, dtype=dtype)
 
-    features = resnet.ResNet(widths, conv, norm, name="backbone")(x.astype(dtype))["layer4"]
-    y = PyramidPooling(widths[4] // 4, bins, conv, norm, name="ppm")(features)
+  def head(self, features: jax.Array, widths: tuple[int, ...], conv: ModuleDef,
+           norm: ModuleDef, train: bool) -> jax.Array:
+    y = PyramidPooling(widths[4] // 4, tuple(self.bins), conv, norm, name="ppm")(features)
     y = resnet.ConvBNReLU(widths[4] // 4, 3, conv, norm, name="head")(y)
     # Dropout2d: one draw per channel of each slice, shared over the pixels.
-    y = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train,
-                   name="dropout")(y)
-    logits = conv(self.num_classes, 1, name="classifier")(y).astype(jnp.float32)
-    return resnet.resize_bilinear(logits, x.shape[1], x.shape[2])
+    return nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train,
+                      name="dropout")(y)

@@ -57,18 +57,23 @@ kh, kw) -> `kernel` (kh, kw, in, out), `bias` -> `bias`; BN `weight` ->
 takes three channels; for one-channel CT sum its kernel over the input axis
 before loading.
 
-Also here, for the three heads: `ConvBNReLU` and `resize_bilinear`
-(PyTorch's `F.interpolate(mode='bilinear', align_corners=False)`).
+Also here, for the three heads: `Segmenter`, what the three networks share
+(attributes, input checks, backbone, classifier, up-sampling; each writes its
+`head`), `ConvBNReLU` and `resize_bilinear` (PyTorch's
+`F.interpolate(mode='bilinear', align_corners=False)`).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from scoat_jax.models import layers
+from scoat_jax.models.conv import Conv
 
 Dtype = Any
 ModuleDef = Any
@@ -257,6 +262,81 @@ class ResNet(nn.Module):
                 name=f"layer{i}")(x)
       features[f"layer{i}"] = x
     return features
+
+
+class Segmenter(nn.Module):
+  """A dilated ResNet-50 segmenter: backbone, a network's head, classifier, up-sampling.
+
+      x -> backbone (ResNet, layer4 at H/8) -> head -> classifier (conv 1x1, bias)
+        -> bilinear to H x W -> logits (float32)
+
+  FCN, PSPNet and DeepLabV3 subclass it and write `head` (layer4 features ->
+  the classifier's input; its submodules are named there) and, for their own
+  attributes, `check_attributes`. Their names, fields and docs are in fcn.py,
+  pspnet.py and deeplabv3.py.
+
+  Attributes:
+    num_classes: output channels.
+    widths: stem and layer1..layer4 output widths (ResNet-50: 64, 256, 512,
+      1024, 2048).
+    dtype: compute dtype (float32 or bfloat16); parameters and logits float32.
+    in_channels: expected input channels; None accepts any.
+    conv: the convolution module every layer uses.
+
+  Class facts:
+    input_multiple: height and width must be multiples of this (output stride 8).
+    attention_maps: none.
+  """
+  num_classes: int = 1
+  widths: Sequence[int] = DEFAULT_WIDTHS
+  dtype: Dtype = jnp.float32
+  in_channels: int | None = None
+  conv: ModuleDef = Conv
+
+  NAME: ClassVar[str] = "dilated ResNet-50"   # for error messages
+  input_multiple: ClassVar[int] = OUTPUT_STRIDE
+  attention_maps: ClassVar[tuple[str, ...]] = ()
+
+  def check_attributes(self, widths: tuple[int, ...]) -> None:
+    """Raises ValueError for a network's own attributes that cannot build; none here."""
+
+  def head(self, features: jax.Array, widths: tuple[int, ...], conv: ModuleDef,
+           norm: ModuleDef, train: bool) -> jax.Array:
+    """layer4 features -> the classifier's input (the network's own modules)."""
+    raise NotImplementedError(f"{type(self).__name__} writes its head")
+
+  def inference_bytes_per_slice(self, size: int) -> int:
+    """About how much memory one size x size slice takes in an inference forward pass.
+
+    See `inference_bytes_per_slice` (measured: about 50 MB per 256-px slice in
+    float32 at full widths).
+    """
+    return inference_bytes_per_slice(check_widths(self.NAME, self.widths), size, self.dtype)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Segments a batch of slices.
+
+    Args:
+      x: float array (batch, height, width, in_channels), height and width
+        multiples of 8.
+      train: batch statistics in BatchNorm (update with `mutable=['batch_stats']`)
+        and dropout on (needs a 'dropout' rng when a rate is > 0).
+
+    Returns:
+      Logits (batch, height, width, num_classes), float32.
+    """
+    layers.check_input_shape(self.NAME, x.shape, self.input_multiple, "output stride 8",
+                             in_channels=self.in_channels)
+    widths, dtype = check_widths(self.NAME, self.widths), self.dtype
+    self.check_attributes(widths)
+    conv = layers.conv_def(self.conv, dtype=dtype)
+    norm = layers.norm_def(train=train, dtype=dtype)
+
+    features = ResNet(widths, conv, norm, name="backbone")(x.astype(dtype))["layer4"]
+    y = self.head(features, widths, conv, norm, train)
+    logits = conv(self.num_classes, 1, name="classifier")(y).astype(jnp.float32)
+    return resize_bilinear(logits, x.shape[1], x.shape[2])
 
 
 def activation_elements(widths: Sequence[int], size: int) -> float:
