@@ -37,7 +37,8 @@ scoat_jax.pseudo_label`, so its teacher saw the fold's training slices only.
 (`config.init_from`): Semi-Inf-Net's own protocol, its time both stages';
 `onehead_infnet_finetune_200` fine-tunes it for `onehead_200`'s 200 labelled steps;
 `onehead_round2_pretrain` -> `onehead_round2_finetune_200` is a second round, the same
-two stages on the labels of the fold's `onehead_infnet_finetune_200` model.
+two stages on the labels the fold's `onehead_infnet_finetune_200` model gives the matched
+slices.
 `onehead_infnet_matched` and `onehead_self_matched` first map every unlabelled
 scan's grey levels onto the fold's labelled training slices
 (`config.unlabelled.match_intensity`; the own teacher labels the matched slices,
@@ -111,10 +112,6 @@ VARIANTS["onehead_infnet_finetune"] = ONE_HEAD
 # The same pre-training, then the labelled slices for as many steps as onehead_200: the
 # pre-training is added to the labelled schedule rather than taken out of it.
 VARIANTS["onehead_infnet_finetune_200"] = VARIANTS["onehead_200"]
-# A second round: the fold's round-1 student (onehead_infnet_finetune_200) labels the
-# unlabelled slices, and the protocol runs again on its labels.
-VARIANTS["onehead_round2_pretrain"] = VARIANTS["onehead_infnet_pretrain"]
-VARIANTS["onehead_round2_finetune_200"] = VARIANTS["onehead_200"]
 # Every unlabelled scan's grey levels matched to the fold's labelled training slices
 # (config.unlabelled.match_intensity; its teacher labels the matched slices too).
 MATCH = ["--config.unlabelled.match_intensity=True"]
@@ -124,6 +121,11 @@ VARIANTS["onehead_self_matched"] = SEMI + MATCH
 # labelling the matched slices.
 VARIANTS["onehead_self_pretrain"] = VARIANTS["onehead_infnet_pretrain"] + MATCH
 VARIANTS["onehead_self_finetune"] = ONE_HEAD
+# A second round: the fold's round-1 student (onehead_infnet_finetune_200) labels the
+# matched unlabelled slices, and the protocol runs again on its labels (unmatched, the
+# student calls 39% of the pixels opacity, the wide-window scans' soft tissue included).
+VARIANTS["onehead_round2_pretrain"] = VARIANTS["onehead_infnet_pretrain"] + MATCH
+VARIANTS["onehead_round2_finetune_200"] = VARIANTS["onehead_200"]
 # 3 classes: labelled only at the protocol's 200 steps, and the protocol (its pre-training
 # trains P(opacity) = 1 - P(background) on the 1-class maps; fine-tuning splits the classes).
 VARIANTS["onehead_3class_200"] = VARIANTS["onehead_3class"] + VARIANTS["epochs20"]

@@ -387,6 +387,7 @@ def test_launch_script_pretrains_on_infnet_maps_then_fine_tunes(tmp_path):
   assert "semiseg_pretrain.cfg" in cmds[2] and f"--config.unlabelled.soft_labels={maps}" in cmds[2]
   assert cmds[2].endswith(f"--workdir={work / 'pretrain_round1'}")
   assert "semiseg_all.cfg" in cmds[3] and "unlabelled" not in cmds[3]
+  assert "match_intensity" not in " ".join(cmds)   # Semi-Inf-Net's maps: the slices as they are
   assert f"--config.init_from={work / 'pretrain_round1'}" in cmds[3]
   assert proc.stdout.strip().splitlines()[-1] == str(work / "student_round1")
   assert not work.exists()
@@ -399,6 +400,11 @@ def test_launch_script_mixes_batches_with_method_mix(tmp_path):
   assert len(cmds) == 3 and "semiseg_semi.cfg" in cmds[2]
   assert "--config.unlabelled.soft_labels=" + str(tmp_path / "unl" / "InfNet-pseudo") in cmds[2]
   assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "work" / "student_round1")
+  # A second round labels the matched slices with the first student; its student sees them.
+  cmds = _commands(_dry(tmp_path, "--method=mix", "--rounds=2"))
+  assert "match_intensity" not in cmds[2]
+  assert "pseudo_label" in cmds[3] and "--match_intensity" in cmds[3]
+  assert "--config.unlabelled.match_intensity=True" in cmds[4]
 
 
 def test_launch_script_self_training_rounds_gpu_and_three_classes(tmp_path):
@@ -419,6 +425,11 @@ def test_launch_script_self_training_rounds_gpu_and_three_classes(tmp_path):
   assert len(students) == 2 and all("--config.init_head=expand" in c for c in students)
   assert [("--config.num_classes=3" in c) for c in mains] == [c in students for c in mains]
   assert "--teacher=" + str(tmp_path / "work" / "student_round1") in cmds[6]
+  # Own labels are of the matched slices, and their students train on matched slices.
+  assert all("--match_intensity" in c for c in cmds if "pseudo_label" in c)
+  on_labels = [c for c in mains if "--config.unlabelled.soft_labels=" in c]
+  assert len(on_labels) == 2 and all("--config.unlabelled.match_intensity=True" in c
+                                     for c in on_labels)
 
 
 def test_three_class_script_pretrains_one_class_and_expands_the_head(tmp_path):
