@@ -1,4 +1,5 @@
 """SCOAT-Net: exact size, wiring, shapes, up-sampling and input checks."""
+import dataclasses
 import functools
 
 import jax
@@ -209,3 +210,33 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits(tiny_model_and_v
   assert low.dtype == jnp.float32
   rel = float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
   assert rel < 0.05, rel
+
+
+def test_every_network_shares_the_base_attributes_and_checks():
+  """All ten networks are `base.Network`s: the five shared fields, their facts, one shape check."""
+  from scoat_jax.models import base, model_class
+  shared = ("num_classes", "widths", "dtype", "in_channels", "conv")
+  for name in available_models():
+    cls = model_class(name)
+    assert issubclass(cls, base.Network), name
+    fields = [f.name for f in dataclasses.fields(cls)]
+    assert fields[:5] == list(shared), (name, fields)
+    assert cls.input_multiple in (8, 16, 32), name
+    with pytest.raises(ValueError, match=f"divisible by {cls.input_multiple} "):
+      cls(widths=TINY if issubclass(cls, base.GridNetwork) else (4, 8, 8, 8, 8)).init(
+          jax.random.key(0), jnp.zeros((1, cls.input_multiple + 4, cls.input_multiple, 1)))
+
+
+def test_grid_memory_estimate_hand_computed():
+  # Rows of 4, 8, 16, 32, 64 channels at 32, 16, 8, 4, 2 px: 4*1024 + 8*256 + 16*64 + 32*16
+  # + 64*4 = 7936 pixel-channels; SCOAT-Net keeps 12 such arrays of 4-byte floats alive.
+  model = get_model("scoat_net", widths=TINY)
+  assert model.inference_bytes_per_slice(32) == 12 * 4 * 7936
+  assert get_model("unet", widths=TINY).inference_bytes_per_slice(32) == 6 * 4 * 7936
+  half = get_model("scoat_net", widths=TINY, dtype=jnp.bfloat16)
+  assert half.inference_bytes_per_slice(32) == 12 * 2 * 7936
+
+
+def test_grid_widths_must_give_five_rows():
+  with pytest.raises(ValueError, match="widths must give 5 row widths"):
+    get_model("unet", widths=(4, 8, 16)).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))

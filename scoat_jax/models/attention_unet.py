@@ -42,21 +42,20 @@ with PyTorch's default initialisation.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scoat_jax.models import layers
-from scoat_jax.models.conv import Conv
+from scoat_jax.models import base, layers
 from scoat_jax.models.unet_blocks import VGGBlock
 
 Dtype = Any
 ModuleDef = Any
 
-DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
-DEPTH = 4  # Four stride-2 convolutions: inputs must be multiples of 2**4.
+DEFAULT_WIDTHS = base.GRID_WIDTHS
+DEPTH = base.GRID_DEPTH  # Four stride-2 convolutions: inputs must be multiples of 2**4.
 PRELU_INIT = 0.25  # PyTorch's nn.PReLU default.
 
 
@@ -130,38 +129,19 @@ class MergeBlock(nn.Module):
     return nn.PReLU(param_dtype=jnp.float32, negative_slope_init=PRELU_INIT, name="prelu")(y)
 
 
-class AttentionUNet(nn.Module):
+class AttentionUNet(base.GridNetwork):
   """Attention U-Net returning logits (no sigmoid/softmax inside).
 
-  Attributes:
-    num_classes: output channels.
-    widths: channels of rows 0..4 (MONAI's `channels`).
-    dtype: compute dtype (float32 or bfloat16); parameters and logits float32.
-    in_channels: expected input channels; None accepts any.
-    conv: the convolution module of every non-transposed conv.
-
-  Class facts:
-    input_multiple: height and width must be multiples of this.
-    attention_maps: the gates, each sown as `intermediates/gate_{i}/attention`.
+  Attributes and class facts of `base.GridNetwork`: `widths` are the channels
+  of rows 0..4 (MONAI's `channels`), `conv` the module of every non-transposed
+  conv; the gates are sown as `intermediates/gate_{i}/attention`.
   """
-  num_classes: int = 1
-  widths: Sequence[int] = DEFAULT_WIDTHS
-  dtype: Dtype = jnp.float32
-  in_channels: int | None = None
-  conv: ModuleDef = Conv
-
-  input_multiple: ClassVar[int] = 2**DEPTH
+  NAME: ClassVar[str] = "Attention U-Net"
+  DOWNSAMPLING: ClassVar[str] = "four stride-2 convolutions"
   attention_maps: ClassVar[tuple[str, ...]] = tuple(f"gate_{i}" for i in range(DEPTH))
-
-  def inference_bytes_per_slice(self, size: int) -> int:
-    """Rough peak activation bytes of one size x size slice in inference.
-
-    Row i holds size^2 / 4^i pixels of widths[i] channels; the skips, the
-    up-sampled feature, the gated skip and the concatenation of a row are
-    alive at its peak: about 8 such arrays (an estimate).
-    """
-    pixels_x_channels = sum(w * size * size / 4**i for i, w in enumerate(self.widths))
-    return int(8 * jnp.dtype(self.dtype).itemsize * pixels_x_channels)
+  # The skips, the up-sampled feature, the gated skip and the concatenation of a row are
+  # alive at its peak: about 8 row-sized arrays (an estimate).
+  LIVE_ARRAYS: ClassVar[int] = 8
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -175,16 +155,8 @@ class AttentionUNet(nn.Module):
     Returns:
       Logits (batch, height, width, num_classes) in float32.
     """
-    layers.check_input_shape("Attention U-Net", x.shape, self.input_multiple,
-                             "four stride-2 convolutions",
-                             in_channels=self.in_channels)
-    if len(self.widths) != DEPTH + 1:
-      raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
-    widths, dtype = tuple(self.widths), self.dtype
-    conv = layers.conv_def(self.conv, dtype=dtype)
-    norm = layers.norm_def(train=train, dtype=dtype)
-
-    y = x.astype(dtype)
+    y, widths, conv, norm = self.prepare(x, train=train)
+    dtype = self.dtype
     encoder = []
     for i in range(DEPTH + 1):
       y = VGGBlock(widths[i], conv=conv, norm=norm, strides=2 if i else 1, name=f"x_{i}_0")(y)

@@ -53,7 +53,6 @@ import jax.numpy as jnp
 
 from scoat_jax.models import resnet
 
-Dtype = Any
 ModuleDef = Any
 
 NAME = "DeepLabV3"

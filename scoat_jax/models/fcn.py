@@ -45,7 +45,6 @@ import jax
 
 from scoat_jax.models import resnet
 
-Dtype = Any
 ModuleDef = Any
 
 NAME = "FCN"

@@ -57,7 +57,6 @@ import numpy as np
 
 from scoat_jax.models import resnet
 
-Dtype = Any
 ModuleDef = Any
 
 NAME = "PSPNet"

@@ -72,8 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoat_jax.models import layers
-from scoat_jax.models.conv import Conv
+from scoat_jax.models import base
 
 Dtype = Any
 ModuleDef = Any
@@ -264,7 +263,7 @@ class ResNet(nn.Module):
     return features
 
 
-class Segmenter(nn.Module):
+class Segmenter(base.Network):
   """A dilated ResNet-50 segmenter: backbone, a network's head, classifier, up-sampling.
 
       x -> backbone (ResNet, layer4 at H/8) -> head -> classifier (conv 1x1, bias)
@@ -275,30 +274,20 @@ class Segmenter(nn.Module):
   attributes, `check_attributes`. Their names, fields and docs are in fcn.py,
   pspnet.py and deeplabv3.py.
 
-  Attributes:
-    num_classes: output channels.
-    widths: stem and layer1..layer4 output widths (ResNet-50: 64, 256, 512,
-      1024, 2048).
-    dtype: compute dtype (float32 or bfloat16); parameters and logits float32.
-    in_channels: expected input channels; None accepts any.
-    conv: the convolution module every layer uses.
+  Attributes of `base.Network`; `widths` are the stem and layer1..layer4
+  output widths (ResNet-50: 64, 256, 512, 1024, 2048).
 
-  Class facts:
-    input_multiple: height and width must be multiples of this (output stride 8).
-    attention_maps: none.
+  Class facts of `base.Network`: `input_multiple` is the output stride, 8; no
+  attention maps.
   """
-  num_classes: int = 1
   widths: Sequence[int] = DEFAULT_WIDTHS
-  dtype: Dtype = jnp.float32
-  in_channels: int | None = None
-  conv: ModuleDef = Conv
 
   NAME: ClassVar[str] = "dilated ResNet-50"   # for error messages
+  DOWNSAMPLING: ClassVar[str] = "output stride 8"
   input_multiple: ClassVar[int] = OUTPUT_STRIDE
-  attention_maps: ClassVar[tuple[str, ...]] = ()
 
-  def check_attributes(self, widths: tuple[int, ...]) -> None:
-    """Raises ValueError for a network's own attributes that cannot build; none here."""
+  def check_widths(self) -> tuple[int, ...]:
+    return check_widths(self.NAME, self.widths)
 
   def head(self, features: jax.Array, widths: tuple[int, ...], conv: ModuleDef,
            norm: ModuleDef, train: bool) -> jax.Array:
@@ -311,7 +300,7 @@ class Segmenter(nn.Module):
     See `inference_bytes_per_slice` (measured: about 50 MB per 256-px slice in
     float32 at full widths).
     """
-    return inference_bytes_per_slice(check_widths(self.NAME, self.widths), size, self.dtype)
+    return inference_bytes_per_slice(self.check_widths(), size, self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -326,17 +315,12 @@ class Segmenter(nn.Module):
     Returns:
       Logits (batch, height, width, num_classes), float32.
     """
-    layers.check_input_shape(self.NAME, x.shape, self.input_multiple, "output stride 8",
-                             in_channels=self.in_channels)
-    widths, dtype = check_widths(self.NAME, self.widths), self.dtype
-    self.check_attributes(widths)
-    conv = layers.conv_def(self.conv, dtype=dtype)
-    norm = layers.norm_def(train=train, dtype=dtype)
-
-    features = ResNet(widths, conv, norm, name="backbone")(x.astype(dtype))["layer4"]
+    height, width = x.shape[1:3]
+    x, widths, conv, norm = self.prepare(x, train=train)
+    features = ResNet(widths, conv, norm, name="backbone")(x)["layer4"]
     y = self.head(features, widths, conv, norm, train)
     logits = conv(self.num_classes, 1, name="classifier")(y).astype(jnp.float32)
-    return resize_bilinear(logits, x.shape[1], x.shape[2])
+    return resize_bilinear(logits, height, width)
 
 
 def activation_elements(widths: Sequence[int], size: int) -> float:

@@ -24,73 +24,42 @@ PyTorch model; its weights load through `scoat_jax.models.torch_weights`.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scoat_jax.models import layers
-from scoat_jax.models.conv import Conv
+from scoat_jax.models import base, layers
 
-Dtype = Any
-ModuleDef = Any
-
-DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
-DEPTH = 4  # Four 2x2 max-pools: inputs must be multiples of 2**4.
+DEFAULT_WIDTHS = base.GRID_WIDTHS
+DEPTH = base.GRID_DEPTH  # Four 2x2 max-pools: inputs must be multiples of 2**4.
 # The spatial attention maps the paper shows (Fig. 5): the gates feeding
 # x_1_1, x_2_2 and x_1_3, sown as intermediates/<name>/attention.
 PAPER_ATTENTION_MAPS = ("sam_1_1", "sam_2_2", "sam_1_3")
 
 
-def check_input_shape(shape: Sequence[int], in_channels: int | None = None) -> None:
-  """Raises ValueError unless `shape` is NHWC with H, W multiples of 16 (and `in_channels`)."""
-  layers.check_input_shape("SCOAT-Net", shape, SCOATNet.input_multiple, "four 2x2 max-pools",
-                           in_channels)
-
-
-class SCOATNet(nn.Module):
+class SCOATNet(base.GridNetwork):
   """SCOAT-Net returning logits (no sigmoid/softmax inside).
 
-  Attributes:
-    num_classes: output channels: 1 (any opacity, sigmoid) or 3 (background,
-      ground-glass opacity, consolidation; softmax).
+  Attributes of `base.GridNetwork`, and:
+    num_classes: 1 (any opacity, sigmoid) or 3 (background, ground-glass
+      opacity, consolidation; softmax).
     deep_supervision: if True, return the logits of the four heads on
       `x_0_1 .. x_0_4` as a list; otherwise the logits of `x_0_4` alone.
     widths: channels of rows 0..4; the paper's net uses (32, 64, 128, 256, 512).
-    dtype: compute dtype (float32 or bfloat16). Parameters and the returned
-      logits are float32.
-    in_channels: expected input channels (1 = one slice, 3 = a 2.5D stack of
-      neighbouring slices); None accepts any. Set, it is checked against x.
-    conv: the convolution module every node uses (Flax's ImageNet example
-      passes its `conv` the same way); `scoat_jax.models.create_model` gives
-      `Conv` with the configured CPU weight-gradient path.
 
-  Class facts (read by inference and export code, not configurable):
-    input_multiple: height and width must be multiples of this.
-    attention_maps: the intermediates `model.apply(..., mutable=['intermediates'])`
-      can return, as `intermediates/<name>/attention`.
+  Class facts of `base.GridNetwork`; `attention_maps` are the gates of the
+  paper's Fig. 5, sown as `intermediates/<name>/attention`.
   """
-  num_classes: int = 1
   deep_supervision: bool = False
-  widths: Sequence[int] = DEFAULT_WIDTHS
-  dtype: Dtype = jnp.float32
-  in_channels: int | None = None
-  conv: ModuleDef = Conv
 
-  input_multiple: ClassVar[int] = 2**DEPTH
+  NAME: ClassVar[str] = "SCOAT-Net"
   attention_maps: ClassVar[tuple[str, ...]] = PAPER_ATTENTION_MAPS
-
-  def inference_bytes_per_slice(self, size: int) -> int:
-    """About how much memory one size x size slice takes in an inference forward pass.
-
-    Activations of row i hold size^2 / 4^i pixels of widths[i] channels; with
-    the nodes, concatenations and attention maps alive at the peak that is
-    about 12 such arrays (XLA CPU, full widths at 512 px: 0.7-0.8 GB per slice
-    of batch, measured between batch 1, 4 and 8).
-    """
-    pixels_x_channels = sum(w * size * size / 4**i for i, w in enumerate(self.widths))
-    return int(12 * jnp.dtype(self.dtype).itemsize * pixels_x_channels)
+  # With the nodes, concatenations and attention maps alive at the peak, about 12
+  # row-sized arrays (XLA CPU, full widths at 512 px: 0.7-0.8 GB per slice of batch,
+  # measured between batch 1, 4 and 8).
+  LIVE_ARRAYS: ClassVar[int] = 12
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False):
@@ -106,14 +75,8 @@ class SCOATNet(nn.Module):
       Logits (batch, height, width, num_classes) in float32, or a list of four
       such arrays ordered `x_0_1 .. x_0_4` when `deep_supervision` is set.
     """
-    check_input_shape(x.shape, self.in_channels)
-    if len(self.widths) != DEPTH + 1:
-      raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
-    widths, dtype = tuple(self.widths), self.dtype
-    conv = layers.conv_def(self.conv, dtype=dtype)
-    blocks = dict(conv=conv, norm=layers.norm_def(train=train, dtype=dtype))
-
-    x = x.astype(dtype)
+    x, widths, conv, norm = self.prepare(x, train=train)
+    blocks = dict(conv=conv, norm=norm)
     up = layers.upsample2x_align_corners
     node: dict[tuple[int, int], jax.Array] = {}
     node[0, 0] = layers.ResBlock(widths[0], **blocks, name="x_0_0")(x)
@@ -133,7 +96,7 @@ class SCOATNet(nn.Module):
           u_attended, _ = layers.SpatialAttention(**blocks, name=f"sam_{i}_{j}")(
               node[i, j - 1], u)
           node[i, j] = layers.ChannelAttentionBlock(
-              widths[i], **blocks, dtype=dtype, name=f"x_{i}_{j}")(
+              widths[i], **blocks, dtype=self.dtype, name=f"x_{i}_{j}")(
                   jnp.concatenate(same_row + [u_attended], axis=-1))
 
     head_columns = range(1, DEPTH + 1) if self.deep_supervision else (DEPTH,)

@@ -30,55 +30,29 @@ rather than 64-1024, one 1x1 head.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scoat_jax.models import layers
-from scoat_jax.models.conv import Conv
+from scoat_jax.models import base, layers
 from scoat_jax.models.unet_blocks import VGGBlock
 
-Dtype = Any
-ModuleDef = Any
-
-DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
-DEPTH = 4  # Four 2x2 max-pools: inputs must be multiples of 2**4.
+DEFAULT_WIDTHS = base.GRID_WIDTHS
+DEPTH = base.GRID_DEPTH  # Four 2x2 max-pools: inputs must be multiples of 2**4.
 
 
-class UNet(nn.Module):
+class UNet(base.GridNetwork):
   """U-Net returning logits (no sigmoid/softmax inside).
 
-  Attributes:
-    num_classes: output channels.
-    widths: channels of rows 0..4.
-    dtype: compute dtype (float32 or bfloat16); parameters and logits float32.
-    in_channels: expected input channels; None accepts any.
-    conv: the convolution module every node uses.
-
-  Class facts:
-    input_multiple: height and width must be multiples of this.
-    attention_maps: none.
+  Attributes and class facts of `base.GridNetwork`: `widths` are the channels
+  of rows 0..4; no attention maps.
   """
-  num_classes: int = 1
-  widths: Sequence[int] = DEFAULT_WIDTHS
-  dtype: Dtype = jnp.float32
-  in_channels: int | None = None
-  conv: ModuleDef = Conv
-
-  input_multiple: ClassVar[int] = 2**DEPTH
-  attention_maps: ClassVar[tuple[str, ...]] = ()
-
-  def inference_bytes_per_slice(self, size: int) -> int:
-    """Rough peak activation bytes of one size x size slice in inference.
-
-    Row i holds size^2 / 4^i pixels of widths[i] channels; the encoder output
-    of each row stays alive for its skip, plus a concatenation and the block's
-    intermediates at the peak: about 6 such arrays (an estimate).
-    """
-    pixels_x_channels = sum(w * size * size / 4**i for i, w in enumerate(self.widths))
-    return int(6 * jnp.dtype(self.dtype).itemsize * pixels_x_channels)
+  NAME: ClassVar[str] = "U-Net"
+  # Each row's encoder output stays alive for its skip, plus a concatenation and the
+  # block's intermediates at the peak: about 6 row-sized arrays (an estimate).
+  LIVE_ARRAYS: ClassVar[int] = 6
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -92,15 +66,7 @@ class UNet(nn.Module):
     Returns:
       Logits (batch, height, width, num_classes) in float32.
     """
-    layers.check_input_shape("U-Net", x.shape, self.input_multiple, "four 2x2 max-pools",
-                             in_channels=self.in_channels)
-    if len(self.widths) != DEPTH + 1:
-      raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
-    widths, dtype = tuple(self.widths), self.dtype
-    conv = layers.conv_def(self.conv, dtype=dtype)
-    norm = layers.norm_def(train=train, dtype=dtype)
-
-    y = x.astype(dtype)
+    y, widths, conv, norm = self.prepare(x, train=train)
     encoder = []
     for i in range(DEPTH + 1):
       if i:

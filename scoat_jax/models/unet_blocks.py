@@ -59,23 +59,31 @@ class VGGBlock(nn.Module):
     return nn.relu(self.norm(name="bn2")(y))
 
 
-class VGGNode(nn.Module):
-  """A plain UNet++ decoder node: `VGGBlock(cat(same_row + [up]))`.
+class Node(nn.Module):
+  """The interface every UNet++ decoder node (`UNetPlusPlus.node`) follows.
 
-  The interface every `UNetPlusPlus.node` follows: built as
-  `node(features, conv=conv, norm=norm, dtype=dtype, name=f"x_{i}_{j}")`
-  and called as `node(same_row, up)`, returning `features` channels.
+  Built as `node(features, conv=conv, norm=norm, dtype=dtype, name=f"x_{i}_{j}")`
+  and called as `node(same_row, up)` (same_row: the nodes x_{i}_0 .. x_{i}_{j-1};
+  up: the up-sampled x_{i+1}_{j-1}), returning `features` channels.
 
   Attributes:
     features: output channels.
     conv: the network's convolution (`layers.conv_def`).
     norm: the network's batch norm (`layers.norm_def`).
-    dtype: compute dtype (unused by the plain node; part of the interface).
+    dtype: compute dtype (the convolutions carry it; nodes with modules of
+      their own pass it on).
   """
   features: int
   conv: ModuleDef
   norm: ModuleDef
   dtype: Dtype = jnp.float32
+
+  def __call__(self, same_row: Sequence[jax.Array], up: jax.Array) -> jax.Array:
+    raise NotImplementedError(f"{type(self).__name__} computes its node")
+
+
+class VGGNode(Node):
+  """A plain UNet++ decoder node: `VGGBlock(cat(same_row + [up]))` (interface: `Node`)."""
 
   @nn.compact
   def __call__(self, same_row: Sequence[jax.Array], up: jax.Array) -> jax.Array:

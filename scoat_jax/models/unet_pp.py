@@ -44,63 +44,39 @@ diagonal x_{d-1}_1 .. x_0_{d} be computed), as scoat_net.py does.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scoat_jax.models import layers
-from scoat_jax.models.conv import Conv
+from scoat_jax.models import base, layers
 from scoat_jax.models.unet_blocks import VGGBlock, VGGNode
 
-Dtype = Any
 ModuleDef = Any
 
-DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
-DEPTH = 4  # Four 2x2 max-pools: inputs must be multiples of 2**4.
+DEFAULT_WIDTHS = base.GRID_WIDTHS
+DEPTH = base.GRID_DEPTH  # Four 2x2 max-pools: inputs must be multiples of 2**4.
 
 
-class UNetPlusPlus(nn.Module):
+class UNetPlusPlus(base.GridNetwork):
   """UNet++ returning logits (no sigmoid/softmax inside).
 
-  Attributes:
-    num_classes: output channels.
+  Attributes of `base.GridNetwork` (`widths`: the channels of rows 0..4), and:
     deep_supervision: if True, return the logits of the four heads on
       `x_0_1 .. x_0_4` as a list (shallow to deep); otherwise those of `x_0_4`.
-    widths: channels of rows 0..4.
-    dtype: compute dtype (float32 or bfloat16); parameters and logits float32.
-    in_channels: expected input channels; None accepts any.
-    conv: the convolution module every node uses.
     node: the module computing the decoder nodes of rows 1-3, called as
       `node(widths[i], conv=, norm=, dtype=, name=f"x_{i}_{j}")(same_row, up)`
       with same_row = [x_{i}_0 .. x_{i}_{j-1}], up = up(x_{i+1}_{j-1}).
 
-  Class facts:
-    input_multiple: height and width must be multiples of this.
-    attention_maps: intermediates sown as `intermediates/<path>/attention`
-      (none here; subclasses with attention nodes list theirs).
+  Class facts of `base.GridNetwork`; error messages name the class.
+  `attention_maps` is empty here; subclasses with attention nodes list theirs.
+  The memory estimate (`LIVE_ARRAYS`, 12): the dense skip connections keep a
+  row's nodes and one concatenation alive, as for SCOAT-Net (not measured for
+  this network).
   """
-  num_classes: int = 1
   deep_supervision: bool = False
-  widths: Sequence[int] = DEFAULT_WIDTHS
-  dtype: Dtype = jnp.float32
-  in_channels: int | None = None
-  conv: ModuleDef = Conv
   node: ModuleDef = VGGNode
-
-  input_multiple: ClassVar[int] = 2**DEPTH
-  attention_maps: ClassVar[tuple[str, ...]] = ()
-
-  def inference_bytes_per_slice(self, size: int) -> int:
-    """Rough peak activation bytes of one size x size slice in inference.
-
-    Row i holds size^2 / 4^i pixels of widths[i] channels; the dense skip
-    connections keep the row's nodes and one concatenation alive: about 12
-    such arrays, as for SCOAT-Net (an estimate, not measured for this net).
-    """
-    pixels_x_channels = sum(w * size * size / 4**i for i, w in enumerate(self.widths))
-    return int(12 * jnp.dtype(self.dtype).itemsize * pixels_x_channels)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False):
@@ -108,23 +84,15 @@ class UNetPlusPlus(nn.Module):
 
     Args:
       x: float array (batch, height, width, channels); height and width
-        multiples of 16.
+        multiples of `input_multiple` (16).
       train: use batch statistics in BatchNorm.
 
     Returns:
       Logits (batch, height, width, num_classes) in float32, or a list of four
       such arrays ordered `x_0_1 .. x_0_4` when `deep_supervision` is set.
     """
-    name = type(self).__name__
-    layers.check_input_shape(name, x.shape, self.input_multiple, "four 2x2 max-pools",
-                             in_channels=self.in_channels)
-    if len(self.widths) != DEPTH + 1:
-      raise ValueError(f"widths must give {DEPTH + 1} row widths, got {self.widths}")
-    widths, dtype = tuple(self.widths), self.dtype
-    conv = layers.conv_def(self.conv, dtype=dtype)
-    norm = layers.norm_def(train=train, dtype=dtype)
-
-    x = x.astype(dtype)
+    x, widths, conv, norm = self.prepare(x, train=train)
+    dtype = self.dtype
     up = layers.upsample2x_align_corners
     node: dict[tuple[int, int], jax.Array] = {}
     node[0, 0] = VGGBlock(widths[0], conv=conv, norm=norm, name="x_0_0")(x)

@@ -61,10 +61,10 @@ import jax
 import jax.numpy as jnp
 
 from scoat_jax.models import layers
+from scoat_jax.models import unet_blocks
 from scoat_jax.models.unet_blocks import VGGBlock
 from scoat_jax.models.unet_pp import UNetPlusPlus
 
-Dtype = Any
 ModuleDef = Any
 
 ATTENDED_NODES = ("x_1_1", "x_2_1", "x_3_1", "x_1_2", "x_2_2", "x_1_3")
@@ -102,21 +102,11 @@ class SoftMaskBranch(nn.Module):
     return m
 
 
-class ResidualAttentionNode(nn.Module):
+class ResidualAttentionNode(unet_blocks.Node):
   """A UNet++ node as a residual attention module: (1 + M(x)) * T(x), x = cat(same_row, up).
 
-  Same interface as `unet_blocks.VGGNode`.
-
-  Attributes:
-    features: output channels.
-    conv: the network's convolution (`layers.conv_def`).
-    norm: the network's batch norm (`layers.norm_def`).
-    dtype: compute dtype (the convolutions carry it; part of the interface).
+  Attributes and interface of `unet_blocks.Node`.
   """
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, same_row: Sequence[jax.Array], up: jax.Array) -> jax.Array:

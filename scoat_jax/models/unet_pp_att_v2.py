@@ -59,10 +59,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from scoat_jax.models import unet_blocks
 from scoat_jax.models.unet_blocks import VGGBlock
 from scoat_jax.models.unet_pp import UNetPlusPlus
 
-Dtype = Any
 ModuleDef = Any
 
 # (row, column) of the six gated nodes; node x_{i}_{j} has gates gate_0 .. gate_{j-1}.
@@ -102,21 +102,11 @@ class AttentionGate(nn.Module):
     return alpha * x
 
 
-class AttentionGateNode(nn.Module):
+class AttentionGateNode(unet_blocks.Node):
   """A UNet++ node whose same-row skips are each gated by u: VGGBlock(cat(gated skips, u)).
 
-  Same interface as `unet_blocks.VGGNode`.
-
-  Attributes:
-    features: output channels.
-    conv: the network's convolution (`layers.conv_def`).
-    norm: the network's batch norm (`layers.norm_def`).
-    dtype: compute dtype (the convolutions carry it; part of the interface).
+  Attributes and interface of `unet_blocks.Node`.
   """
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, same_row: Sequence[jax.Array], up: jax.Array) -> jax.Array:

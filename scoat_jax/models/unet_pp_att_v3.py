@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from scoat_jax.models import layers
+from scoat_jax.models import unet_blocks
 from scoat_jax.models.unet_blocks import VGGBlock
 from scoat_jax.models.unet_pp import UNetPlusPlus
 
@@ -115,21 +116,11 @@ class PyramidAttention(nn.Module):
     return (1 + attention).astype(x.dtype) * x
 
 
-class PyramidAttentionNode(nn.Module):
+class PyramidAttentionNode(unet_blocks.Node):
   """A UNet++ node whose input is re-weighted by pyramid attention: VGGBlock((1 + A) * X).
 
-  Same interface as `unet_blocks.VGGNode`.
-
-  Attributes:
-    features: output channels.
-    conv: the network's convolution (`layers.conv_def`).
-    norm: the network's batch norm (`layers.norm_def`).
-    dtype: compute dtype.
+  Attributes and interface of `unet_blocks.Node`.
   """
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, same_row: Sequence[jax.Array], up: jax.Array) -> jax.Array:
@@ -149,12 +140,6 @@ class UNetPlusPlusPyramidAttention(UNetPlusPlus):
   node: ModuleDef = PyramidAttentionNode
 
   input_multiple: ClassVar[int] = 2**DEEPEST_ATTENDED_ROW * max(PYRAMID_SCALES)
+  DOWNSAMPLING: ClassVar[str] = (f"four 2x2 max-pools, and pyramid attention down-sampling "
+                                 f"the 1/8-size row-3 nodes by {max(PYRAMID_SCALES)}")
   attention_maps: ClassVar[tuple[str, ...]] = tuple(f"{n}/pyramid" for n in ATTENDED_NODES)
-
-  def __call__(self, x: jax.Array, *, train: bool = False):
-    """As `UNetPlusPlus.__call__`; height and width must be multiples of 32."""
-    layers.check_input_shape(
-        type(self).__name__, x.shape, self.input_multiple,
-        f"four 2x2 max-pools, and pyramid attention down-sampling the 1/8-size row-3 nodes "
-        f"by {max(PYRAMID_SCALES)}")
-    return super().__call__(x, train=train)
