@@ -94,6 +94,11 @@ VARIANTS["onehead_long"] = ONE_HEAD + [                     # 3x the steps, 0.01
     "--config.num_epochs=30", "--config.decay_every_epochs=12", "--config.restart_epoch=0",
     "--config.eval_every_epochs=30"]
 VARIANTS["onehead_200"] = ONE_HEAD + VARIANTS["epochs20"]   # 2x the steps: Semi-Inf-Net's protocol's
+# launch/semiseg_cv.cfg, the chosen recipe at full length: 192 px, the paper's 50 epochs
+# (500 steps of a fold's 40 slices; 0.01 x0.1 every 10 epochs, restart at 0.001 at 30).
+VARIANTS["onehead_full"] = ONE_HEAD + [
+    "--config.data.image_size=192", "--config.num_epochs=50", "--config.decay_every_epochs=10",
+    "--config.restart_epoch=30", "--config.eval_every_epochs=50", "--config.predict_threshold=0.4"]
 # Semi-supervised: half of every batch unlabelled slices with soft labels (config.unlabelled).
 SEMI = ONE_HEAD + ["--config.unlabelled.name=unlabelled_slices", "--config.unlabelled.ratio=0.5"]
 VARIANTS["onehead_infnet"] = SEMI       # + Semi-Inf-Net's maps (--soft_labels)
