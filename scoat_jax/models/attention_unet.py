@@ -54,7 +54,6 @@ from scoat_jax.models.unet_blocks import VGGBlock
 Dtype = Any
 ModuleDef = Any
 
-DEFAULT_WIDTHS = base.GRID_WIDTHS
 DEPTH = base.GRID_DEPTH  # Four stride-2 convolutions: inputs must be multiples of 2**4.
 PRELU_INIT = 0.25  # PyTorch's nn.PReLU default.
 

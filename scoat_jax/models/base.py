@@ -82,8 +82,8 @@ class Network(nn.Module):
         `input_multiple` (or not of `in_channels` channels), or the widths or
         the network's own attributes cannot build.
     """
-    layers.check_input_shape(self.NAME or type(self).__name__, x.shape, self.input_multiple, self.DOWNSAMPLING,
-                             in_channels=self.in_channels)
+    layers.check_input_shape(self.NAME or type(self).__name__, x.shape, self.input_multiple,
+                             self.DOWNSAMPLING, in_channels=self.in_channels)
     widths = self.check_widths()
     self.check_attributes(widths)
     conv = layers.conv_def(self.conv, dtype=self.dtype)

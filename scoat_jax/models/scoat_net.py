@@ -32,7 +32,6 @@ import jax.numpy as jnp
 
 from scoat_jax.models import base, layers
 
-DEFAULT_WIDTHS = base.GRID_WIDTHS
 DEPTH = base.GRID_DEPTH  # Four 2x2 max-pools: inputs must be multiples of 2**4.
 # The spatial attention maps the paper shows (Fig. 5): the gates feeding
 # x_1_1, x_2_2 and x_1_3, sown as intermediates/<name>/attention.

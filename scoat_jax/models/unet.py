@@ -39,7 +39,6 @@ import jax.numpy as jnp
 from scoat_jax.models import base, layers
 from scoat_jax.models.unet_blocks import VGGBlock
 
-DEFAULT_WIDTHS = base.GRID_WIDTHS
 DEPTH = base.GRID_DEPTH  # Four 2x2 max-pools: inputs must be multiples of 2**4.
 
 

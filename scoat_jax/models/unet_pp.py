@@ -55,7 +55,6 @@ from scoat_jax.models.unet_blocks import VGGBlock, VGGNode
 
 ModuleDef = Any
 
-DEFAULT_WIDTHS = base.GRID_WIDTHS
 DEPTH = base.GRID_DEPTH  # Four 2x2 max-pools: inputs must be multiples of 2**4.
 
 

@@ -60,8 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scoat_jax.models import layers
-from scoat_jax.models import unet_blocks
+from scoat_jax.models import layers, unet_blocks
 from scoat_jax.models.unet_blocks import VGGBlock
 from scoat_jax.models.unet_pp import UNetPlusPlus
 
